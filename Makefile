@@ -1,0 +1,34 @@
+# The two commands a new user needs: `make quickstart` and `make test`. Both set up .venv first.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.chattune-installed
+
+.PHONY: setup test test-slow quickstart lint
+
+setup: $(STAMP)
+
+# torch goes in first and pinned: a CPU build of 2.13.0 lies on disk here, while a bare `torch`
+# requirement would download a multi-GB CUDA build.
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+test: setup
+	$(PY) -m pytest -q
+
+test-slow: setup
+	$(PY) -m pytest -q -m slow
+
+lint: setup
+	$(VENV)/bin/ruff format --check src tests
+	$(VENV)/bin/ruff check src tests
+
+quickstart: setup
+	$(VENV)/bin/chattune model pull smollm2-135m-instruct
+	$(VENV)/bin/chattune data check examples/quickstart.yaml -n 1
+	$(VENV)/bin/chattune train examples/quickstart.yaml overwrite_output_dir=true
+	$(VENV)/bin/chattune infer --model smollm2-135m-instruct --adapter runs/quickstart/final \
+		--mode chat --input examples/quickstart/heldout.jsonl --compare-base

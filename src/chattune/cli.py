@@ -1,0 +1,122 @@
+"""The `chattune` command: parses arguments and dispatches; the work lives in the modules it calls."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from chattune.errors import ChattuneError
+
+app = typer.Typer(help="Fine-tune chat LLMs on your own data, and put the result to work.",
+                  no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False,
+                  rich_markup_mode=None)  # fmt: skip
+data_app = typer.Typer(help="Check and convert training data.", no_args_is_help=True)
+model_app = typer.Typer(help="Default models: pull, list, convert.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+app.add_typer(model_app, name="model")
+
+out = Console()
+err = Console(stderr=True)
+
+ConfigArg = Annotated[Path, typer.Argument(help="YAML config file")]
+Overrides = Annotated[list[str] | None, typer.Argument(help="key=value overrides of config keys")]
+
+
+@app.command()
+def train(config: ConfigArg, overrides: Overrides = None) -> None:
+    """Fine-tune a model: `chattune train CONFIG.yaml [key=value ...]`."""
+    from chattune.config import load_config
+    from chattune.train.run import run_training
+
+    run_training(load_config(config, overrides or []), console=err)
+
+
+@data_app.command("check")
+def data_check(
+    config: ConfigArg,
+    overrides: Overrides = None,
+    n: Annotated[int, typer.Option("-n", help="samples to show")] = 1,
+    as_json: Annotated[bool, typer.Option("--json", help="one JSON object per sample on stdout, nothing else")] = False,
+    split: Annotated[str, typer.Option(help="train or eval")] = "train",
+) -> None:
+    """Show how samples are tokenised and which tokens are learnt, then the data statistics."""
+    from chattune.config import load_config
+    from chattune.data.check import print_json_samples, print_sanity, print_stats
+    from chattune.data.prepare import encode_split, template_for
+    from chattune.models.load import load_tokenizer
+
+    cfg = load_config(config, overrides or [])
+    key = {"train": "train_file", "eval": "eval_file"}.get(split)
+    if key is None:
+        raise ChattuneError(f"--split must be train or eval, not {split!r}")
+    cfg.require(key)
+    tokenizer = load_tokenizer(cfg.model, cfg.tokenizer, cfg.trust_remote_code)
+    template = template_for(cfg, tokenizer)
+    dataset, stats = encode_split(cfg, tokenizer, template, getattr(cfg, key), err)
+    rows = dataset.select(range(min(n, len(dataset))))
+    if as_json:
+        print_json_samples(out, rows)
+        return
+    out.print(f"template: {template.name}   tokenizer: {tokenizer.name_or_path}", highlight=False)
+    for row in rows:
+        print_sanity(out, tokenizer, row["input_ids"], row["labels"])
+    print_stats(out, stats)
+
+
+@data_app.command("convert")
+def data_convert(
+    kind: Annotated[str, typer.Argument(help="tool-alpaca | advertise-gen | csv | alpaca | sharegpt | openai | context-target")],
+    source: Annotated[Path, typer.Argument(help="input file")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="output .jsonl")],
+    to: Annotated[str | None, typer.Option(help="advertise-gen: prompt_response (default) or conversations")] = None,
+    mapping: Annotated[Path | None, typer.Option(help="csv: YAML mapping of message templates")] = None,
+) -> None:
+    """Convert a dataset into chattune's canonical JSONL."""
+    from chattune.data.converters import run_converter
+
+    options = {k: v for k, v in {"to": to, "mapping": mapping}.items() if v is not None}
+    stats = run_converter(kind, source, output, **options)
+    out.print(f"{kind}: read {stats.read:,}, wrote {stats.written:,}, skipped {stats.skipped:,} → {output}")
+    for reason in stats.skipped_examples:
+        out.print(f"  skipped: {reason}", markup=False)
+
+
+@model_app.command("pull")
+def model_pull(name: str, force: bool = False) -> None:
+    """Fetch a default model and cache it as a plain transformers model dir."""
+    from chattune.models.pull import pull_model
+
+    out.print(f"{name} → {pull_model(name, force=force)}")
+
+
+@model_app.command("list")
+def model_list() -> None:
+    """The default models and whether they are pulled."""
+    from chattune.models.pull import list_models
+
+    for m in list_models():
+        out.print(m)
+
+
+@model_app.command("convert-chatglm3")
+def model_convert_chatglm3(source: Path, destination: Path) -> None:
+    """Rewrite a THUDM ChatGLM3 checkpoint as a native transformers GLM model (no remote code)."""
+    from chattune.models.chatglm3_convert import convert_chatglm3
+
+    out.print(f"converted → {convert_chatglm3(source, destination)}")
+
+
+def main() -> None:
+    """Entry point: run the app; user-facing errors become one paragraph on stderr and a non-zero exit."""
+    try:
+        app()
+    except ChattuneError as e:
+        err.print(f"[bold red]Error:[/] {e}", highlight=False)
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        err.print("Interrupted.")
+        sys.exit(130)

@@ -1,0 +1,1 @@
+"""Data pipeline: formats → canonical samples → templates → (input_ids, labels) → batches."""

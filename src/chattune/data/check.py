@@ -1,0 +1,67 @@
+"""`chattune data check`: the per-token sanity table and the data statistics."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from chattune.data.encode import DataStats
+from chattune.data.templates import IGNORE_INDEX
+
+
+def sanity_lines(tokenizer: Any, input_ids: Sequence[int], labels: Sequence[int]) -> list[tuple[str, bool]]:
+    """One line per token, ChatGLM3-style `'%20s: %6d -> %6d'`, and whether the token is learnt."""
+    pieces = tokenizer.convert_ids_to_tokens(list(input_ids))
+    return [
+        ("%20s: %6d -> %6d" % (repr(piece), tid, label), label != IGNORE_INDEX)  # noqa: UP031  (the demo's format)
+        for piece, tid, label in zip(pieces, input_ids, labels, strict=True)
+    ]
+
+
+def print_sanity(console: Console, tokenizer: Any, input_ids: Sequence[int], labels: Sequence[int]) -> None:
+    """Print the table; learnt tokens are highlighted when the output is a terminal."""
+    console.print("Sanity Check >>>>>>>>>>>>>", markup=False, highlight=False)
+    for line, trained in sanity_lines(tokenizer, input_ids, labels):
+        console.print(line, style="bold green" if trained else None, markup=False, highlight=False)
+    console.print("<<<<<<<<<<<<< Sanity Check", markup=False, highlight=False)
+
+
+def print_json_samples(console: Console, rows: Any) -> None:
+    """One JSON object per sample, unpadded, nothing else."""
+    for row in rows:
+        console.out(json.dumps({"input_ids": list(row["input_ids"]), "labels": list(row["labels"])}), highlight=False)
+
+
+def stats_table(stats: DataStats, title: str) -> Table:
+    """The statistics of one file as a table."""
+    t = Table(title=title, show_header=False, title_justify="left")
+    pct = 100 * stats.trained_tokens / stats.tokens if stats.tokens else 0.0
+    rows = [
+        ("file", stats.file),
+        ("records read", f"{stats.read:,}"),
+        ("samples kept", f"{stats.kept:,}"),
+        ("bad records skipped", f"{stats.skipped_bad:,}"),
+        ("dropped (no trained token)", f"{stats.dropped_no_target:,}"),
+        ("truncated", f"{stats.truncated:,}"),
+        ("tokens", f"{stats.tokens:,}"),
+        ("trained tokens", f"{stats.trained_tokens:,} ({pct:.1f}%)"),
+        ("length p50/p90/p99/max", " / ".join(str(v) for v in stats.percentiles().values()) or "-"),
+        ("formats", ", ".join(f"{k}: {v:,}" for k, v in stats.formats.items()) or "-"),
+        ("from cache", "yes" if stats.cached else "no"),
+    ]
+    for k, v in rows:
+        t.add_row(k, v)
+    return t
+
+
+def print_stats(console: Console, stats: DataStats, title: str = "Data statistics") -> None:
+    """Print the statistics, and the first skipped records' reasons."""
+    console.print(stats_table(stats, title))
+    if stats.skipped_bad:
+        console.print(f"[yellow]{stats.skipped_bad} bad record(s) skipped; first ones:[/]")
+        for reason in stats.bad_examples:
+            console.print(f"  - {reason}", markup=False)

@@ -1,0 +1,155 @@
+"""Read → validate → template → mask a whole file into a cached, memory-mapped dataset, with statistics."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import datasets
+import pyarrow as pa
+
+from chattune import __version__
+from chattune.data.formats import ReadReport, read_samples
+from chattune.data.templates import Template
+
+# bump when encoding changes in a way old caches must not be reused for
+_ENCODING_REVISION = 1
+_BATCH = 1000
+_SCHEMA = pa.schema([("input_ids", pa.list_(pa.int32())), ("labels", pa.list_(pa.int32()))])
+
+
+@dataclass
+class DataStats:
+    """What preprocessing did to one file; nothing is dropped without being counted here."""
+
+    file: str
+    read: int = 0
+    kept: int = 0
+    skipped_bad: int = 0
+    dropped_no_target: int = 0
+    truncated: int = 0
+    tokens: int = 0
+    trained_tokens: int = 0
+    formats: dict[str, int] = field(default_factory=dict)
+    bad_examples: list[str] = field(default_factory=list)
+    lengths: list[int] = field(default_factory=list, repr=False)
+    cached: bool = False
+
+    def percentiles(self) -> dict[str, int]:
+        """Sample length percentiles (tokens)."""
+        if not self.lengths:
+            return {}
+        s = sorted(self.lengths)
+        return {f"p{q}": s[min(len(s) - 1, int(len(s) * q / 100))] for q in (50, 90, 99)} | {"max": s[-1]}
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> str:
+    """A short hash of what decides the tokenizer's output (class, vocab size, specials, chat template, files)."""
+    h = hashlib.sha256()
+    parts = [type(tokenizer).__name__, str(len(tokenizer)), str(getattr(tokenizer, "chat_template", ""))]
+    parts.append(str(getattr(tokenizer, "all_special_tokens", "")))
+    src = Path(str(getattr(tokenizer, "name_or_path", "")))
+    if src.is_dir():
+        for f in sorted(src.glob("tokenizer*")):
+            st = f.stat()
+            parts.append(f"{f.name}:{st.st_size}:{st.st_mtime_ns}")
+    h.update("\n".join(parts).encode())
+    return h.hexdigest()[:16]
+
+
+def cache_key(path: Path, template: Template, tokenizer: Any, settings: dict[str, Any]) -> str:
+    """Identifies one preprocessing result: the file's identity, the template, tokenizer and settings."""
+    st = path.stat()
+    key = {
+        "file": str(path.resolve()),
+        "size": st.st_size,
+        "mtime": st.st_mtime_ns,
+        "template": template.name,
+        "limits": asdict(template.limits),
+        "tokenizer": tokenizer_fingerprint(tokenizer),
+        "settings": settings,
+        "version": [__version__, _ENCODING_REVISION],
+    }
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
+
+
+def _encode_stream(
+    path: Path, template: Template, fmt: str, on_bad_record: str, stats: DataStats, progress: Any
+) -> Iterator[tuple[list[int], list[int]]]:
+    report = ReadReport()
+    for _, sample in read_samples(path, fmt, on_bad_record, report):
+        enc = template.encode(sample)
+        n_trained = enc.n_trained
+        stats.truncated += enc.truncated
+        if n_trained == 0:  # never hand the trainer a sample with nothing to learn
+            stats.dropped_no_target += 1
+            continue
+        stats.kept += 1
+        stats.tokens += len(enc.input_ids)
+        stats.trained_tokens += n_trained
+        stats.lengths.append(len(enc.input_ids))
+        if progress is not None:
+            progress(stats.kept)
+        yield enc.input_ids, enc.labels
+    stats.read, stats.skipped_bad, stats.bad_examples = report.read, report.skipped, report.examples
+    stats.formats = report.formats
+
+
+def _write_arrow(rows: Iterator[tuple[list[int], list[int]]], target: Path) -> None:
+    """Write rows as an Arrow stream in batches, then move it into place (never a half-written cache)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, suffix=".tmp")
+    os.close(fd)
+    try:
+        with pa.OSFile(tmp, "wb") as sink, pa.ipc.new_stream(sink, _SCHEMA) as writer:
+            ids, labels = [], []
+            for a, b in rows:
+                ids.append(a)
+                labels.append(b)
+                if len(ids) >= _BATCH:
+                    writer.write_batch(pa.record_batch([ids, labels], schema=_SCHEMA))
+                    ids, labels = [], []
+            if ids:
+                writer.write_batch(pa.record_batch([ids, labels], schema=_SCHEMA))
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def encode_file(
+    path: str | Path,
+    template: Template,
+    tokenizer: Any,
+    *,
+    fmt: str = "auto",
+    on_bad_record: str = "error",
+    cache_dir: Path | None = None,
+    progress: Any = None,
+) -> tuple[datasets.Dataset, DataStats]:
+    """The encoded dataset for a file (from the cache when this exact preprocessing ran before) and its stats."""
+    path = Path(path)
+    stats = DataStats(file=str(path))
+    if not path.is_file():
+        from chattune.errors import DataFormatError
+
+        raise DataFormatError("file not found", file=str(path))
+    key = cache_key(path, template, tokenizer, {"format": fmt, "on_bad_record": on_bad_record})
+    base = cache_dir or Path(tempfile.gettempdir()) / "chattune-data"
+    arrow, meta = base / f"{key}.arrow", base / f"{key}.stats.json"
+    if arrow.is_file() and meta.is_file():
+        saved = json.loads(meta.read_text())
+        stats = DataStats(**saved)
+        stats.cached = True
+        return datasets.Dataset.from_file(str(arrow)), stats
+    _write_arrow(_encode_stream(path, template, fmt, on_bad_record, stats, progress), arrow)
+    meta_tmp = meta.with_suffix(".tmp")
+    meta_tmp.write_text(json.dumps(asdict(stats) | {"cached": False}))
+    os.replace(meta_tmp, meta)
+    return datasets.Dataset.from_file(str(arrow)), stats

@@ -1,0 +1,350 @@
+"""Data formats (one registry): detect a file's format and normalise each record to a canonical Sample."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from chattune.data.readers import iter_records
+from chattune.data.schema import Conversation, Message, Pair, Sample, SourceRecord, ToolCall
+from chattune.errors import ConfigError, DataFormatError
+from chattune.registry import Registry
+
+Normaliser = Callable[[Any, "Where"], Sample]
+FORMATS: Registry[Normaliser] = Registry("data format", ConfigError)
+
+_MAX_EXAMPLES = 5
+
+
+@dataclass
+class Where:
+    """Where a record came from; builds errors that name file, line and field."""
+
+    record: SourceRecord
+
+    def error(self, reason: str, field: str | None = None) -> DataFormatError:
+        """A DataFormatError at this record."""
+        r = self.record
+        return DataFormatError(reason, file=r.file, line=r.line, field=field, item=r.extra.get("item"))
+
+
+@dataclass
+class ReadReport:
+    """What reading a file did: counts per format and the records skipped (never dropped silently)."""
+
+    read: int = 0
+    skipped: int = 0
+    examples: list[str] = field(default_factory=list)
+    formats: dict[str, int] = field(default_factory=dict)
+
+    def skip(self, error: DataFormatError) -> None:
+        """Count a skipped record, keeping the first few reasons for the user."""
+        self.skipped += 1
+        if len(self.examples) < _MAX_EXAMPLES:
+            self.examples.append(error.describe())
+
+
+# ---------------------------------------------------------------- helpers shared by normalisers
+
+
+def _obj(value: Any, where: Where, name: str | None = None) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise where.error(f"expected a JSON object, got {type(value).__name__}", name)
+    return value
+
+
+def _str(obj: dict[str, Any], key: str, where: Where, path: str, *, required: bool = True) -> str | None:
+    if key not in obj or obj[key] is None:
+        if required:
+            raise where.error("missing", f"{path}{key}")
+        return None
+    if not isinstance(obj[key], str):
+        raise where.error(f"expected a string, got {type(obj[key]).__name__}", f"{path}{key}")
+    return obj[key]
+
+
+def _loss(obj: dict[str, Any], where: Where, path: str) -> bool | None:
+    loss = obj.get("loss")
+    if loss is not None and not isinstance(loss, bool):
+        raise where.error(f"expected true or false, got {json.dumps(loss)[:40]}", f"{path}loss")
+    return loss
+
+
+def _tools(obj: dict[str, Any], key: str, where: Where) -> list[Any] | None:
+    tools = obj.get(key)
+    if isinstance(tools, str) and tools.strip():  # ShareGPT stores tools as a JSON string
+        try:
+            tools = json.loads(tools)
+        except json.JSONDecodeError as e:
+            raise where.error(f"not valid JSON: {e.msg}", key) from None
+    if tools in (None, "", []):
+        return None
+    if not isinstance(tools, list):
+        raise where.error(f"expected a list of tool definitions, got {type(tools).__name__}", key)
+    return tools
+
+
+def _arguments(value: Any, where: Where, path: str) -> dict[str, Any]:
+    if isinstance(value, str):
+        try:
+            value = json.loads(value) if value.strip() else {}
+        except json.JSONDecodeError as e:
+            raise where.error(f"tool arguments are not valid JSON: {e.msg}", path) from None
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise where.error(f"expected an object of arguments, got {type(value).__name__}", path)
+    return value
+
+
+def observation_text(value: Any) -> str:
+    """A tool result as text: strings as they are, anything else as JSON (ChatGLM3's convention)."""
+    return value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+
+
+def validate_conversation(conv: Conversation, where: Where, path: str = "conversations") -> Conversation:
+    """Apply the rules every conversation obeys, whatever format it came from."""
+    if not conv.messages:
+        raise where.error("empty conversation", path)
+    seen_user = False
+    for i, m in enumerate(conv.messages):
+        if m.role == "system" and (seen_user or any(p.role == "system" for p in conv.messages[:i])):
+            reason = "system message after a user message" if seen_user else "a second system message"
+            raise where.error(f"{reason}: at most one system message, before the first user message", f"{path}[{i}]")
+        seen_user = seen_user or m.role == "user"
+    if not any(m.trained for m in conv.messages):
+        raise where.error("no trainable message (no assistant turn, or every one has loss: false)", path)
+    return conv
+
+
+# ---------------------------------------------------------------- the formats
+
+
+@FORMATS.register("conversations")
+def _conversations(value: Any, where: Where) -> Conversation:
+    """ChatGLM3's format: `conversations` of system/user/assistant/tool/observation, optional `tools`."""
+    rec = _obj(value, where)
+    msgs = rec.get("conversations")
+    if not isinstance(msgs, list):
+        raise where.error("expected a list of messages", "conversations")
+    out: list[Message] = []
+    for i, m in enumerate(msgs):
+        p = f"conversations[{i}]."
+        m = _obj(m, where, p.rstrip("."))
+        role = _str(m, "role", where, p)
+        loss = _loss(m, where, p)
+        if role == "tool":
+            name = _str(m, "name", where, p)
+            args = _arguments(m.get("parameters"), where, f"{p}parameters")
+            out.append(Message("assistant", "", loss, metadata=name, tool_call=ToolCall(name, args)))
+            if "observation" in m:
+                out.append(Message("observation", observation_text(m["observation"]), tool_name=name))
+        elif role in ("system", "user", "assistant", "observation"):
+            out.append(Message(role, _str(m, "content", where, p), loss, metadata=m.get("metadata") or ""))
+        else:
+            raise where.error(
+                f"unknown role {role!r} (expected system, user, assistant, tool or observation)", f"{p}role"
+            )
+    return validate_conversation(Conversation(out, _tools(rec, "tools", where)), where)
+
+
+@FORMATS.register("prompt_response")
+def _prompt_response(value: Any, where: Where) -> Pair:
+    """Input-output data: `prompt` → `response`."""
+    rec = _obj(value, where)
+    return Pair(_str(rec, "prompt", where, ""), _str(rec, "response", where, ""))
+
+
+@FORMATS.register("context_target")
+def _context_target(value: Any, where: Where) -> Pair:
+    """The ChatGLM-6B LoRA tutorial's data: `context` → `target`."""
+    rec = _obj(value, where)
+    return Pair(_str(rec, "context", where, ""), _str(rec, "target", where, ""))
+
+
+@FORMATS.register("alpaca")
+def _alpaca(value: Any, where: Where) -> Conversation:
+    """Alpaca: instruction (+ input) → output, optional system and history of [query, answer] pairs."""
+    rec = _obj(value, where)
+    msgs: list[Message] = []
+    if system := _str(rec, "system", where, "", required=False):
+        msgs.append(Message("system", system))
+    history = rec.get("history") or []
+    if not isinstance(history, list):
+        raise where.error("expected a list of [query, answer] pairs", "history")
+    for i, turn in enumerate(history):
+        if not (isinstance(turn, list) and len(turn) == 2 and all(isinstance(t, str) for t in turn)):
+            raise where.error("expected a [query, answer] pair of strings", f"history[{i}]")
+        msgs += [Message("user", turn[0]), Message("assistant", turn[1])]
+    instruction = _str(rec, "instruction", where, "")
+    extra = _str(rec, "input", where, "", required=False)
+    msgs.append(Message("user", f"{instruction}\n{extra}" if extra else instruction))
+    msgs.append(Message("assistant", _str(rec, "output", where, "")))
+    return validate_conversation(Conversation(msgs), where, "output")
+
+
+_SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+                   "system": "system", "observation": "observation", "function_call": "function_call"}  # fmt: skip
+
+
+@FORMATS.register("sharegpt")
+def _sharegpt(value: Any, where: Where) -> Conversation:
+    """ShareGPT: `conversations` of {from, value}, incl. function_call / observation turns; `system`, `tools`."""
+    rec = _obj(value, where)
+    turns = rec.get("conversations")
+    if not isinstance(turns, list):
+        raise where.error("expected a list of turns", "conversations")
+    msgs: list[Message] = []
+    if system := _str(rec, "system", where, "", required=False):
+        msgs.append(Message("system", system))
+    for i, t in enumerate(turns):
+        p = f"conversations[{i}]."
+        t = _obj(t, where, p.rstrip("."))
+        who = _str(t, "from", where, p)
+        role = _SHAREGPT_ROLES.get(who)
+        if role is None:
+            known = ", ".join(_SHAREGPT_ROLES)
+            raise where.error(f"unknown speaker {who!r} (expected one of {known})", f"{p}from")
+        text = _str(t, "value", where, p)
+        if role == "function_call":
+            call = _arguments(text, where, f"{p}value")
+            name = call.get("name")
+            if not isinstance(name, str):
+                raise where.error("a function_call needs a string 'name'", f"{p}value")
+            args = _arguments(call.get("arguments"), where, f"{p}value.arguments")
+            msgs.append(Message("assistant", "", metadata=name, tool_call=ToolCall(name, args)))
+        else:
+            msgs.append(Message(role, text))
+    return validate_conversation(Conversation(msgs, _tools(rec, "tools", where)), where)
+
+
+@FORMATS.register("openai")
+def _openai(value: Any, where: Where) -> Conversation:
+    """OpenAI chat: `messages` with system/user/assistant (incl. `tool_calls`) and `tool` roles; `tools`."""
+    rec = _obj(value, where)
+    raw = rec.get("messages")
+    if not isinstance(raw, list):
+        raise where.error("expected a list of messages", "messages")
+    msgs: list[Message] = []
+    call_names: dict[str, str] = {}
+    for i, m in enumerate(raw):
+        p = f"messages[{i}]."
+        m = _obj(m, where, p.rstrip("."))
+        role = _str(m, "role", where, p)
+        loss = _loss(m, where, p)
+        if role == "tool":
+            name = m.get("name") or call_names.get(m.get("tool_call_id", ""))
+            msgs.append(Message("observation", observation_text(m.get("content")), tool_name=name))
+        elif role == "assistant" and m.get("tool_calls"):
+            if content := _str(m, "content", where, p, required=False):
+                msgs.append(Message("assistant", content, loss))
+            if not isinstance(m["tool_calls"], list):
+                raise where.error("expected a list", f"{p}tool_calls")
+            for j, call in enumerate(m["tool_calls"]):
+                fn = _obj(_obj(call, where, f"{p}tool_calls[{j}]").get("function"), where, f"{p}tool_calls[{j}].function")
+                name = _str(fn, "name", where, f"{p}tool_calls[{j}].function.")
+                args = _arguments(fn.get("arguments"), where, f"{p}tool_calls[{j}].function.arguments")
+                call_names[str(call.get("id", ""))] = name
+                msgs.append(Message("assistant", "", loss, metadata=name, tool_call=ToolCall(name, args)))
+        elif role in ("system", "user", "assistant"):
+            msgs.append(Message(role, _str(m, "content", where, p), loss))
+        else:
+            raise where.error(f"unknown role {role!r} (expected system, user, assistant or tool)", f"{p}role")
+    return validate_conversation(Conversation(msgs, _tools(rec, "tools", where)), where, "messages")
+
+
+# ---------------------------------------------------------------- detection and reading
+
+
+def detect_format(value: Any, where: Where) -> str:
+    """The format a record is in, from its fields."""
+    rec = _obj(value, where)
+    if isinstance(rec.get("conversations"), list):
+        first = next((m for m in rec["conversations"] if isinstance(m, dict)), {})
+        return "sharegpt" if "from" in first else "conversations"
+    signatures = [
+        ("messages", "openai"),
+        ("instruction", "alpaca"),
+        ("prompt", "prompt_response"),
+        ("context", "context_target"),
+    ]
+    for key, name in signatures:
+        if key in rec:
+            return name
+    if "content" in rec and "summary" in rec:
+        raise where.error(
+            "this looks like AdvertiseGen (content/summary): convert it first with "
+            "`chattune data convert advertise-gen FILE -o OUT.jsonl`"
+        )
+    fields = ", ".join(sorted(rec)) or "none"
+    raise where.error(
+        f"cannot tell the data format from the fields ({fields}); expected one of: conversations, "
+        "messages, instruction/output, prompt/response, context/target — or set `format:` explicitly"
+    )
+
+
+def read_samples(
+    path: str | Path, format: str = "auto", on_bad_record: str = "error", report: ReadReport | None = None
+) -> Iterator[tuple[SourceRecord, Sample]]:
+    """Stream canonical samples from a file; bad records raise or, with `on_bad_record: skip`, are counted."""
+    if on_bad_record not in ("error", "skip"):
+        raise ConfigError(f"on_bad_record must be 'error' or 'skip', not {on_bad_record!r}")
+    report = report if report is not None else ReadReport()
+    fmt = None if format == "auto" else format
+    normalise = FORMATS.get(fmt) if fmt else None
+    for item in iter_records(path):
+        report.read += 1
+        try:
+            if isinstance(item, DataFormatError):
+                raise item
+            where = Where(item)
+            if normalise is None:  # auto: the first readable record decides for the whole file
+                fmt = detect_format(item.value, where)
+                normalise = FORMATS.get(fmt)
+            sample = normalise(item.value, where)
+        except DataFormatError as e:
+            if on_bad_record == "error":
+                raise
+            report.skip(e)
+            continue
+        report.formats[fmt] = report.formats.get(fmt, 0) + 1
+        yield item, sample
+
+
+# ---------------------------------------------------------------- back to JSON
+
+
+def message_to_record(messages: list[Message], i: int) -> tuple[dict[str, Any], int]:
+    """The canonical JSON of message i (a tool call absorbs the observation after it); returns the next index."""
+    m = messages[i]
+    if m.tool_call is not None:
+        out: dict[str, Any] = {"role": "tool", "name": m.tool_call.name, "parameters": m.tool_call.arguments}
+        if m.loss is not None:
+            out["loss"] = m.loss
+        if i + 1 < len(messages) and messages[i + 1].role == "observation":
+            out["observation"] = messages[i + 1].content
+            return out, i + 2
+        return out, i + 1
+    out = {"role": m.role, "content": m.content}
+    if m.metadata:
+        out["metadata"] = m.metadata
+    if m.loss is not None:
+        out["loss"] = m.loss
+    return out, i + 1
+
+
+def sample_to_record(sample: Sample) -> dict[str, Any]:
+    """The canonical JSON record of a sample (`conversations` + `tools`, or `prompt`/`response`)."""
+    if isinstance(sample, Pair):
+        return {"prompt": sample.prompt, "response": sample.response}
+    msgs, i = [], 0
+    while i < len(sample.messages):
+        rec, i = message_to_record(sample.messages, i)
+        msgs.append(rec)
+    out: dict[str, Any] = {"conversations": msgs}
+    if sample.tools:
+        out["tools"] = sample.tools
+    return out

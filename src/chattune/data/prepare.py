@@ -1,0 +1,54 @@
+"""From a config to encoded datasets: tokenizer-bound template, per-file encoding with progress and cache."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import datasets
+from rich.console import Console
+from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+from chattune.config import TrainConfig
+from chattune.data.encode import DataStats, encode_file
+from chattune.data.templates import Limits, Template, build_template
+
+
+def limits_of(cfg: TrainConfig) -> Limits:
+    """The config's length limits."""
+    return Limits(cfg.max_seq_len, cfg.max_source_len, cfg.max_target_len)
+
+
+def template_for(cfg: TrainConfig, tokenizer: Any) -> Template:
+    """The config's template bound to this tokenizer."""
+    return build_template(cfg.template, tokenizer, limits_of(cfg))
+
+
+def data_cache_dir() -> Path:
+    """Where encoded datasets are cached (under CHATTUNE_HOME)."""
+    from chattune.models.pull import chattune_home
+
+    return chattune_home() / "cache" / "data"
+
+
+def encode_split(
+    cfg: TrainConfig, tokenizer: Any, template: Template, file: str, console: Console
+) -> tuple[datasets.Dataset, DataStats]:
+    """Encode one data file as the config says, showing progress on the console."""
+    columns = (SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn())
+    with Progress(*columns, console=console, transient=True) as bar:
+        task = bar.add_task(f"Encoding {file}", total=None)
+
+        def tick(kept: int) -> None:
+            if kept % 256 == 0:
+                bar.update(task, description=f"Encoding {file}: {kept:,} samples")
+
+        return encode_file(
+            file,
+            template,
+            tokenizer,
+            fmt=cfg.format,
+            on_bad_record=cfg.on_bad_record,
+            cache_dir=data_cache_dir(),
+            progress=tick,
+        )

@@ -1,0 +1,87 @@
+"""What every template provides, the registry, and `template: auto`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from chattune.data.schema import Pair, Sample
+from chattune.errors import ConfigError
+from chattune.registry import Registry
+
+IGNORE_INDEX = -100
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Length limits: `max_seq_len` for conversations, source/target limits for input-output data."""
+
+    max_seq_len: int = 2048
+    max_source_len: int = 1024
+    max_target_len: int = 128
+
+
+@dataclass
+class Encoded:
+    """One tokenised sample; labels are aligned with input_ids (the model shifts), untrained = -100."""
+
+    input_ids: list[int]
+    labels: list[int]
+    truncated: bool = False
+
+    @property
+    def n_trained(self) -> int:
+        """How many positions carry a label."""
+        return sum(label != IGNORE_INDEX for label in self.labels)
+
+
+class Template(Protocol):
+    """Encodes samples for training and prompts for generation, the same way."""
+
+    name: str
+
+    def encode(self, sample: Sample) -> Encoded:
+        """Training ids and labels for a sample."""
+        ...
+
+    def encode_prompt(self, sample: Sample) -> list[int]:
+        """Ids the model continues from: a Pair's prompt, or a conversation ready for the next assistant turn."""
+        ...
+
+    def stop_token_ids(self) -> list[int]:
+        """Token ids that end a generated reply."""
+        ...
+
+
+TEMPLATES: Registry[type] = Registry("template", ConfigError)
+
+
+def is_chatglm3_tokenizer(tokenizer: Any) -> bool:
+    """ChatGLM3 tokenizers (ours, or THUDM's remote-code one) expose these two methods."""
+    return hasattr(tokenizer, "build_single_message") and hasattr(tokenizer, "get_command")
+
+
+def resolve_template_name(name: str, tokenizer: Any) -> str:
+    """`auto` → chatglm3 for ChatGLM3 tokenizers, hf when a chat template exists, raw otherwise."""
+    if name != "auto":
+        TEMPLATES.get(name)
+        return name
+    if is_chatglm3_tokenizer(tokenizer):
+        return "chatglm3"
+    return "hf" if getattr(tokenizer, "chat_template", None) else "raw"
+
+
+def build_template(name: str, tokenizer: Any, limits: Limits | None = None) -> Template:
+    """The template called `name` (or the one `auto` picks) bound to a tokenizer and length limits."""
+    resolved = resolve_template_name(name, tokenizer)
+    return TEMPLATES.get(resolved)(tokenizer, limits or Limits())
+
+
+def split_pair_budget(sample: Pair, encode: Any, limits: Limits, prefix_len: int) -> tuple[list[int], list[int], bool]:
+    """Source and target ids cut to max_source_len (prefix tokens included) and max_target_len."""
+    src = encode(sample.prompt)
+    tgt = encode(sample.response)
+    keep_src = max(limits.max_source_len - prefix_len, 0)
+    truncated = len(src) > keep_src or len(tgt) > limits.max_target_len
+    return src[:keep_src], tgt[: limits.max_target_len], truncated
+

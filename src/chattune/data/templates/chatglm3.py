@@ -1,0 +1,90 @@
+"""ChatGLM3's encoding, token for token as the official finetune demo builds it."""
+
+from __future__ import annotations
+
+import ast
+import json
+from typing import Any
+
+from chattune.data.schema import TOOLS_SYSTEM_PREFIX, Conversation, Message, Pair, Sample
+from chattune.data.templates.base import IGNORE_INDEX, TEMPLATES, Encoded, Limits, split_pair_budget
+
+
+def format_tool_call(name: str, arguments: dict[str, Any]) -> str:
+    """A call as ChatGLM3 writes it: a fenced Python block `tool_call(k=v, ...)`, keyword literals in order."""
+    call = ast.Call(
+        func=ast.Name(id="tool_call"),
+        args=[],
+        keywords=[ast.keyword(arg=k, value=ast.Constant(v)) for k, v in arguments.items()],
+    )
+    return f"```python\n{ast.unparse(call)}\n```"
+
+
+def tools_system_prompt(tools: list[Any]) -> str:
+    """The system text ChatGLM3 puts first when tools are offered."""
+    return TOOLS_SYSTEM_PREFIX + json.dumps(tools, indent=4, ensure_ascii=False)
+
+
+@TEMPLATES.register("chatglm3")
+class ChatGLM3Template:
+    """`[gMASK] sop`, then per message `<|role|>` + metadata line + content, then eos.
+
+    A token is a target when the token before it belongs to a trained message, so each reply's closing role
+    token (or the final eos) is learnt as the signal to stop.
+    """
+
+    name = "chatglm3"
+
+    def __init__(self, tokenizer: Any, limits: Limits):
+        self.tok, self.limits = tokenizer, limits
+        self.prefix = [tokenizer.get_command("[gMASK]"), tokenizer.get_command("sop")]
+
+    def _message_ids(self, m: Message) -> list[int]:
+        role = "assistant" if m.role == "assistant" else m.role
+        content = format_tool_call(m.tool_call.name, m.tool_call.arguments) if m.tool_call else m.content
+        return self.tok.build_single_message(role, m.metadata, content)
+
+    def _conversation_ids(self, conv: Conversation) -> tuple[list[int], list[bool]]:
+        ids, mask = list(self.prefix), [False, False]
+        messages = list(conv.messages)
+        if conv.tools:
+            messages.insert(0, Message("system", tools_system_prompt(conv.tools)))
+        for m in messages:
+            piece = self._message_ids(m)
+            ids += piece
+            mask += [m.trained] * len(piece)
+        return ids, mask
+
+    def encode(self, sample: Sample) -> Encoded:
+        """Training ids and labels, identical to the official ChatGLM3 finetune demo."""
+        if isinstance(sample, Pair):
+            return self._encode_pair(sample)
+        ids, mask = self._conversation_ids(sample)
+        ids.append(self.tok.eos_token_id)
+        # shift: the label at position i is learnt when position i-1 belongs to a trained message
+        labels = [t if m else IGNORE_INDEX for t, m in zip(ids, [False, *mask], strict=True)]
+        n = self.limits.max_seq_len
+        return Encoded(ids[:n], labels[:n], truncated=len(ids) > n)
+
+    def _encode_pair(self, sample: Pair) -> Encoded:
+        src, tgt, truncated = split_pair_budget(sample, self._plain, self.limits, len(self.prefix))
+        eos, pad = self.tok.eos_token_id, self.tok.pad_token_id
+        ids = self.prefix + src + tgt + [eos]
+        # the demo marks padding by the pad id, so a target token equal to it (unk) is not learnt either
+        labels = [IGNORE_INDEX] * (len(self.prefix) + len(src)) + [t if t != pad else IGNORE_INDEX for t in tgt]
+        return Encoded(ids, [*labels, eos], truncated)
+
+    def _plain(self, text: str) -> list[int]:
+        return self.tok.encode(text, add_special_tokens=False)
+
+    def encode_prompt(self, sample: Sample) -> list[int]:
+        """Generation input: the prompt after `[gMASK] sop`, or the conversation then `<|assistant|>`."""
+        if isinstance(sample, Pair):
+            src, _, _ = split_pair_budget(Pair(sample.prompt, ""), self._plain, self.limits, len(self.prefix))
+            return self.prefix + src
+        ids, _ = self._conversation_ids(sample)
+        return [*ids, self.tok.get_command("<|assistant|>")]
+
+    def stop_token_ids(self) -> list[int]:
+        """eos, and the role tokens that hand the turn back to the user or a tool."""
+        return [self.tok.eos_token_id, self.tok.get_command("<|user|>"), self.tok.get_command("<|observation|>")]

@@ -1,0 +1,1 @@
+"""Models: default-model registry and pull, loading (dtype, device, quantization), training methods."""

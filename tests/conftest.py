@@ -1,0 +1,113 @@
+"""Shared fixtures: tiny tokenizers and models built offline, paths into ../shared."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if loop.first and messages[0]['role'] != 'system' %}<|im_start|>system\nYou are helpful.<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+LLAMA3_TEMPLATE = (
+    "{{ '<|begin_of_text|>' }}"
+    "{% for message in messages %}"
+    "<|start_header_id|>{{ message['role'] }}<|end_header_id|>\n\n{{ message['content'] | trim }}<|eot_id|>"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}"
+)
+
+CORPUS = [
+    "Hello! How can I help you today? The capital of France is Paris.",
+    "What is the weather in Berlin? It is sunny and 21 degrees.",
+    "You are a helpful assistant. Answer briefly, in JSON when asked.",
+    '{"name": "Widget", "price": 9.99, "colour": "red"} tool_call(city=\'Paris\')',
+    "one two three four five six seven eight nine ten, user assistant system",
+]
+
+
+def build_tokenizer(template: str, specials: list[str], eos: str, bos: str | None = None):
+    """A small byte-level BPE tokenizer with a chat template, trained offline on a few sentences."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tk.train_from_iterator(CORPUS * 4, trainer)
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, eos_token=eos, bos_token=bos, pad_token=specials[0])
+    tok.chat_template = template
+    return tok
+
+
+@pytest.fixture(scope="session")
+def chatml_tokenizer():
+    """A ChatML tokenizer (SmolLM2/Qwen style): replies end with <|im_end|>."""
+    return build_tokenizer(CHATML_TEMPLATE, ["<|endoftext|>", "<|im_start|>", "<|im_end|>"], eos="<|im_end|>")
+
+
+@pytest.fixture(scope="session")
+def llama3_tokenizer():
+    """A Llama-3-style tokenizer: header tokens and <|eot_id|>."""
+    specials = ["<|end_of_text|>", "<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
+    return build_tokenizer(LLAMA3_TEMPLATE, specials, eos="<|eot_id|>", bos="<|begin_of_text|>")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, chatml_tokenizer) -> Path:
+    """A 2-layer, hidden-64 Llama with the ChatML tokenizer, saved as a plain model dir."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=len(chatml_tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        eos_token_id=chatml_tokenizer.eos_token_id,
+        pad_token_id=chatml_tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+    )
+    path = tmp_path_factory.mktemp("tiny-llama")
+    LlamaForCausalLM(cfg).save_pretrained(path)
+    chatml_tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def chatglm3_tokenizer_model() -> Path:
+    """The real ChatGLM3 tokenizer.model from ../shared (skips when ../shared is absent)."""
+    path = SHARED / "models" / "chatglm3-tokenizer" / "tokenizer.model"
+    if not path.is_file():
+        pytest.skip(f"{path} is absent (../shared is not beside the project)")
+    return path
+
+
+@pytest.fixture()
+def shared_data() -> Path:
+    """../shared/data (skips when absent)."""
+    path = SHARED / "data"
+    if not path.is_dir():
+        pytest.skip(f"{path} is absent (../shared is not beside the project)")
+    return path
+
+
+@pytest.fixture(autouse=True)
+def _isolated_home(tmp_path_factory, monkeypatch):
+    """Every test gets its own CHATTUNE_HOME, so caches never leak between tests or into ~/.cache."""
+    monkeypatch.setenv("CHATTUNE_HOME", str(tmp_path_factory.mktemp("chattune-home")))
