@@ -19,8 +19,8 @@ model_app = typer.Typer(help="Default models: pull, list, convert.", no_args_is_
 app.add_typer(data_app, name="data")
 app.add_typer(model_app, name="model")
 
-out = Console()
-err = Console(stderr=True)
+out = Console(soft_wrap=True)
+err = Console(stderr=True, soft_wrap=True)
 
 ConfigArg = Annotated[Path, typer.Argument(help="YAML config file")]
 Overrides = Annotated[list[str] | None, typer.Argument(help="key=value overrides of config keys")]

@@ -10,6 +10,8 @@ from chattune.errors import ModelLoadError
 
 def resolve_path(name_or_path: str) -> str:
     """A local dir as is; a default-model alias pulled into the cache; a hub id checked (clear offline error)."""
+    if Path(name_or_path).expanduser().is_dir():
+        return str(Path(name_or_path).expanduser())
     from chattune.models.pull import resolve_model
 
     return resolve_model(name_or_path)
@@ -32,3 +34,75 @@ def load_tokenizer(model: str, tokenizer: str | None = None, trust_remote_code: 
         # batching needs a pad id; eos is the usual stand-in and never a learnt position when padding
         tok.pad_token = tok.eos_token
     return tok
+
+
+def cpu_has_fast_bf16() -> bool:
+    """True on CPUs with AVX-512-BF16 or AMX; elsewhere bf16 matmuls run 50-400x slower than fp32."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return any(flag in flags for flag in ("avx512_bf16", "amx_bf16"))
+
+
+def pick_precision(requested: str) -> str:
+    """auto → bf16 on GPUs that support it, fp16 on other GPUs, fp32 on CPUs without fast bf16."""
+    import torch
+
+    if requested != "auto":
+        return requested
+    if torch.cuda.is_available():
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "bf16" if cpu_has_fast_bf16() else "fp32"
+
+
+def available_cores() -> int:
+    """The cores this process may run on (affinity-aware, so containers and taskset are respected)."""
+    import os
+
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def load_model(
+    model: str,
+    *,
+    precision: str = "fp32",
+    quantization_bit: int | None = None,
+    trust_remote_code: bool = False,
+    train_full_weights: bool = False,
+) -> Any:
+    """A causal LM from a local dir, alias or hub id, in the precision asked, optionally 4/8-bit (CUDA)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    if quantization_bit is not None and not torch.cuda.is_available():
+        raise ModelLoadError(
+            f"quantization_bit: {quantization_bit} loads the base through bitsandbytes, which needs a CUDA GPU; "
+            "this machine has none. Remove quantization_bit to train in full precision."
+        )
+    path = resolve_path(model)
+    # full and freeze keep fp32 master weights under fp16 autocast (fp16 weights cannot be unscaled)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    if precision == "fp16" and train_full_weights:
+        dtype = torch.float32
+    kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": trust_remote_code}
+    if quantization_bit is not None:
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=quantization_bit == 4,
+            load_in_8bit=quantization_bit == 8,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_compute_dtype=dtype,
+            bnb_4bit_use_double_quant=True,
+        )
+        kwargs["device_map"] = {"": torch.cuda.current_device()}
+    try:
+        loaded = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except Exception as e:  # many failure types (missing files, bad config, remote code); one clear message
+        raise ModelLoadError(f"could not load a causal LM from {path}: {e}") from e
+    loaded.config.use_cache = False
+    return loaded

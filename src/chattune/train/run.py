@@ -1,0 +1,198 @@
+"""The training recipe, top to bottom: output dir → data → model → method → Trainer → final/."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from chattune import __version__
+from chattune.config import TrainConfig, save_config
+from chattune.errors import ConfigError
+
+DEEPSPEED_PRESETS = ("zero2", "zero3")
+
+
+def prepare_output_dir(cfg: TrainConfig) -> str | None:
+    """Check the output dir and decide where to resume from; returns a checkpoint path or None."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    out = Path(cfg.output_dir)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"output_dir {out} exists and is not a directory")
+    out.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(out / ".staging", ignore_errors=True)  # a checkpoint that never finished writing
+    if cfg.overwrite_output_dir:
+        for child in out.iterdir():
+            shutil.rmtree(child) if child.is_dir() else child.unlink()
+        return None
+    if isinstance(cfg.resume, str) and cfg.resume != "auto":
+        if not Path(cfg.resume).is_dir():
+            raise ConfigError(f"resume: {cfg.resume} is not a checkpoint directory")
+        return cfg.resume
+    last = get_last_checkpoint(str(out)) if cfg.resume == "auto" else None
+    if last is not None:
+        return last
+    if any(out.iterdir()):
+        done = " (it holds a finished run)" if (out / "final").exists() else ""
+        raise ConfigError(
+            f"output_dir {out} is not empty{done} and has no checkpoint to resume from; set "
+            "overwrite_output_dir: true to start afresh there, or choose another output_dir"
+        )
+    return None
+
+
+def deepspeed_config(value: str | None) -> str | None:
+    """A preset name (zero2, zero3) → the JSON shipped with chattune; a path as is."""
+    if value is None:
+        return None
+    if value in DEEPSPEED_PRESETS:
+        return str(Path(__file__).resolve().parents[1] / "presets" / f"deepspeed_{value}.json")
+    if not Path(value).is_file():
+        raise ConfigError(f"deepspeed: {value} is neither zero2, zero3 nor an existing JSON file")
+    return value
+
+
+def training_arguments(cfg: TrainConfig, precision: str) -> Any:
+    """transformers TrainingArguments from the config."""
+    import torch
+    from transformers import TrainingArguments
+
+    has_eval = cfg.eval_file is not None
+    return TrainingArguments(
+        output_dir=cfg.output_dir,
+        per_device_train_batch_size=cfg.batch_size,
+        per_device_eval_batch_size=cfg.batch_size,
+        gradient_accumulation_steps=cfg.grad_accum,
+        learning_rate=cfg.learning_rate,
+        lr_scheduler_type=cfg.lr_scheduler,
+        warmup_steps=cfg.warmup_ratio,
+        weight_decay=cfg.weight_decay,
+        max_grad_norm=cfg.max_grad_norm,
+        num_train_epochs=cfg.epochs,
+        max_steps=cfg.max_steps or -1,
+        logging_steps=cfg.logging_steps,
+        save_strategy="steps",
+        save_steps=cfg.save_steps,
+        save_total_limit=cfg.save_total_limit,
+        eval_strategy="steps" if has_eval else "no",
+        eval_steps=(cfg.eval_steps or cfg.save_steps) if has_eval else None,
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        bf16=precision == "bf16",
+        fp16=precision == "fp16",
+        use_cpu=not torch.cuda.is_available(),
+        optim="adamw_torch_fused" if torch.cuda.is_available() else "adamw_torch",
+        gradient_checkpointing=cfg.gradient_checkpointing,
+        report_to=[] if cfg.report_to == "none" else [cfg.report_to],
+        deepspeed=deepspeed_config(cfg.deepspeed),
+        disable_tqdm=True,
+        remove_unused_columns=False,
+        dataloader_num_workers=0,
+        save_only_model=False,
+    )
+
+
+def quiet_libraries() -> None:
+    """Keep the console for our progress and errors: silence library deprecation chatter and loading bars."""
+    import warnings
+
+    import datasets
+    import transformers
+
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+    datasets.disable_progress_bars()
+
+
+def run_training(cfg: TrainConfig, console: Console | None = None) -> Path:
+    """Train as the config says; returns the final/ directory."""
+    import torch
+
+    from chattune.data.batching import PadCollator
+    from chattune.data.check import print_sanity, print_stats
+    from chattune.data.prepare import encode_split, template_for
+    from chattune.models.load import available_cores, load_model, load_tokenizer, pick_precision
+    from chattune.models.methods import apply_method, describe_trainable
+    from chattune.train.callbacks import RunLogCallback, TokenCounter
+    from chattune.train.trainer import ChattuneTrainer
+
+    console = console or Console(stderr=True, soft_wrap=True)
+    quiet_libraries()
+    cfg.require("train_file")
+    resume_from = prepare_output_dir(cfg)
+    out = Path(cfg.output_dir)
+    torch.set_num_threads(cfg.num_threads or available_cores())
+    precision = pick_precision(cfg.precision)
+    if precision == "bf16" and not torch.cuda.is_available() and cfg.precision == "bf16":
+        console.print("[yellow]precision: bf16 on this CPU is slow unless it has AVX-512-BF16/AMX[/]")
+
+    # data: tokenizer only, before any weights load, so data errors surface in seconds
+    tokenizer = load_tokenizer(cfg.model, cfg.tokenizer, cfg.trust_remote_code)
+    template = template_for(cfg, tokenizer)
+    train_set, train_stats = encode_split(cfg, tokenizer, template, cfg.train_file, console)
+    if len(train_set) == 0:
+        raise ConfigError(f"{cfg.train_file} has no usable sample (see the statistics above)")
+    print_sanity(console, tokenizer, train_set[0]["input_ids"], train_set[0]["labels"])
+    print_stats(console, train_stats, "Training data")
+    eval_set = None
+    if cfg.eval_file:
+        eval_set, eval_stats = encode_split(cfg, tokenizer, template, cfg.eval_file, console)
+        print_stats(console, eval_stats, "Eval data")
+
+    # model and method
+    if cfg.trust_remote_code:
+        console.print("[yellow]trust_remote_code is on: code shipped with the model will run[/]")
+    model = load_model(
+        cfg.model,
+        precision=precision,
+        quantization_bit=cfg.quantization_bit,
+        trust_remote_code=cfg.trust_remote_code,
+        train_full_weights=cfg.method in ("full", "freeze"),
+    )
+    model = apply_method(model, cfg)
+    console.print(describe_trainable(model), highlight=False)
+    console.print(f"precision: {precision}   threads: {torch.get_num_threads()}   template: {template.name}")
+
+    save_config(cfg, out / "config.yaml")
+    run_info = {
+        "chattune_version": __version__,
+        "base_model": cfg.model,
+        "method": cfg.method,
+        "template": template.name,
+        "format": cfg.format,
+        "max_seq_len": cfg.max_seq_len,
+        "max_source_len": cfg.max_source_len,
+        "max_target_len": cfg.max_target_len,
+    }
+    counter = TokenCounter()
+    trainer = ChattuneTrainer(
+        model=model,
+        args=training_arguments(cfg, precision),
+        train_dataset=train_set,
+        eval_dataset=eval_set,
+        data_collator=PadCollator(tokenizer.pad_token_id),
+        processing_class=tokenizer,
+        counter=counter,
+        run_info=run_info,
+        console=console,
+        callbacks=[RunLogCallback(out, counter, console, title=out.name)],
+    )
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    trainer.remove_callback(ProgressCallback)
+    trainer.remove_callback(PrinterCallback)
+    best = out / "best" / "chattune.json"
+    if resume_from and best.is_file():
+        trainer.best_eval_loss = json.loads(best.read_text()).get("eval_loss")
+    if resume_from:
+        console.print(f"Resuming from {resume_from}")
+    trainer.train(resume_from_checkpoint=resume_from)
+    final = out / "final"
+    trainer.save_result(final)
+    console.print(f"[bold green]Done.[/] The result is in {final}")
+    return final

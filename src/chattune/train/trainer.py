@@ -1,0 +1,104 @@
+"""A thin transformers Trainer subclass: token counting, atomic checkpoints, and best/ by eval loss."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from transformers import Trainer
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+from chattune.data.templates import IGNORE_INDEX
+from chattune.train.callbacks import TokenCounter
+
+STAGING = ".staging"
+
+
+def replace_dir(src: Path, dst: Path) -> None:
+    """Move a finished directory into place; readers see the old one or the new one, never a mix."""
+    if dst.exists():
+        old = dst.with_name(f".{dst.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(dst, old)
+        os.replace(src, dst)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(src, dst)
+
+
+class ChattuneTrainer(Trainer):
+    """Trainer with atomic checkpoint writes, a `best/` copy at the lowest eval loss, and token counts.
+
+    Everything else (loss normalisation across accumulation, resume state, distributed engines) is the
+    stock Trainer's.
+    """
+
+    def __init__(self, *args: Any, counter: TokenCounter, run_info: dict[str, Any], console: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.counter, self.run_info, self.console = counter, run_info, console
+        self._staging: str | None = None
+        self.best_eval_loss: float | None = None
+
+    # ------------------------------------------------------------------ counting
+    def training_step(self, model: Any, inputs: dict[str, Any], num_items_in_batch: Any = None) -> Any:
+        """One micro-batch; counts its non-pad and trained tokens for the speed readout."""
+        self.counter.tokens += int(inputs["attention_mask"].sum())
+        self.counter.trained += int((inputs["labels"] != IGNORE_INDEX).sum())
+        return super().training_step(model, inputs, num_items_in_batch)
+
+    # ------------------------------------------------------------------ atomic checkpoints
+    def _get_output_dir(self, trial: Any) -> str:
+        return self._staging or super()._get_output_dir(trial)
+
+    def _save_checkpoint(self, model: Any, trial: Any) -> None:
+        """Write the checkpoint under .staging/, then rename it into place: complete or absent, never partial."""
+        root = Path(self.args.output_dir)
+        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        self._staging = str(root / STAGING)
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self._staging = None
+        self.accelerator.wait_for_everyone()
+        if self.args.should_save:
+            self._write_run_info(root / STAGING / name)
+            replace_dir(root / STAGING / name, root / name)
+            from transformers.trainer_utils import rotate_checkpoints
+
+            rotate_checkpoints(output_dir=str(root), save_total_limit=self.args.save_total_limit, use_mtime=False)
+        self.accelerator.wait_for_everyone()
+
+    # ------------------------------------------------------------------ best model
+    def evaluate(self, *args: Any, **kwargs: Any) -> dict[str, float]:
+        """Eval as usual; when the eval loss is the lowest so far, save the model to best/."""
+        metrics = super().evaluate(*args, **kwargs)
+        loss = metrics.get("eval_loss")
+        if loss is not None and (self.best_eval_loss is None or loss < self.best_eval_loss):
+            if self.best_eval_loss is not None and self.args.should_save:
+                self.console.print(
+                    f"Min eval loss has been updated: {self.best_eval_loss:.5f} --> {loss:.5f}", highlight=False
+                )
+            self.best_eval_loss = loss
+            self.save_result(Path(self.args.output_dir) / "best", {"eval_loss": loss, "step": self.state.global_step})
+        return metrics
+
+    def save_result(self, target: Path, extra: dict[str, Any] | None = None) -> None:
+        """Save model (or adapter) and tokenizer to `target` atomically, with the run description beside them."""
+        tmp = target.with_name(f".{target.name}.tmp")
+        if self.args.should_save:
+            shutil.rmtree(tmp, ignore_errors=True)
+        self.save_model(str(tmp))
+        self.accelerator.wait_for_everyone()
+        if self.args.should_save:
+            if self.processing_class is not None:
+                self.processing_class.save_pretrained(str(tmp))
+            self._write_run_info(tmp, extra)
+            replace_dir(tmp, target)
+
+    def _write_run_info(self, directory: Path, extra: dict[str, Any] | None = None) -> None:
+        # infer, serve and eval read this back so they encode exactly as training did
+        info = self.run_info | (extra or {})
+        (directory / "chattune.json").write_text(json.dumps(info, indent=2, ensure_ascii=False), encoding="utf-8")
