@@ -60,7 +60,13 @@ def chatml_tokenizer():
 @pytest.fixture(scope="session")
 def llama3_tokenizer():
     """A Llama-3-style tokenizer: header tokens and <|eot_id|>."""
-    specials = ["<|end_of_text|>", "<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
+    specials = [
+        "<|end_of_text|>",
+        "<|begin_of_text|>",
+        "<|start_header_id|>",
+        "<|end_header_id|>",
+        "<|eot_id|>",
+    ]
     return build_tokenizer(LLAMA3_TEMPLATE, specials, eos="<|eot_id|>", bos="<|begin_of_text|>")
 
 

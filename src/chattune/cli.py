@@ -40,7 +40,9 @@ def data_check(
     config: ConfigArg,
     overrides: Overrides = None,
     n: Annotated[int, typer.Option("-n", help="samples to show")] = 1,
-    as_json: Annotated[bool, typer.Option("--json", help="one JSON object per sample on stdout, nothing else")] = False,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="one JSON object per sample on stdout, nothing else")
+    ] = False,
     split: Annotated[str, typer.Option(help="train or eval")] = "train",
 ) -> None:
     """Show how samples are tokenised and which tokens are learnt, then the data statistics."""
@@ -69,10 +71,17 @@ def data_check(
 
 @data_app.command("convert")
 def data_convert(
-    kind: Annotated[str, typer.Argument(help="tool-alpaca | advertise-gen | csv | alpaca | sharegpt | openai | context-target")],
+    kind: Annotated[
+        str,
+        typer.Argument(
+            help="tool-alpaca | advertise-gen | csv | alpaca | sharegpt | openai | context-target"
+        ),
+    ],
     source: Annotated[Path, typer.Argument(help="input file")],
     output: Annotated[Path, typer.Option("-o", "--output", help="output .jsonl")],
-    to: Annotated[str | None, typer.Option(help="advertise-gen: prompt_response (default) or conversations")] = None,
+    to: Annotated[
+        str | None, typer.Option(help="advertise-gen: prompt_response (default) or conversations")
+    ] = None,
     mapping: Annotated[Path | None, typer.Option(help="csv: YAML mapping of message templates")] = None,
 ) -> None:
     """Convert a dataset into chattune's canonical JSONL."""

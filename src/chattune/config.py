@@ -21,7 +21,9 @@ class TrainConfig(BaseModel):
     model: str = Field("smollm2-135m-instruct", description="default-model alias, local model dir, or hub id")
     tokenizer: str | None = Field(None, description="tokenizer dir when it differs from the model's")
     trust_remote_code: bool = Field(False, description="run code shipped with the model (off unless asked)")
-    template: Literal["auto", "chatglm3", "hf", "raw"] = Field("auto", description="how samples become tokens")
+    template: Literal["auto", "chatglm3", "hf", "raw"] = Field(
+        "auto", description="how samples become tokens"
+    )
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "auto", description="auto: bf16/fp16 on GPU, fp32 on CPUs without fast bf16"
     )
@@ -31,12 +33,16 @@ class TrainConfig(BaseModel):
     train_file: str | None = Field(None, description=".json array or .jsonl training data")
     eval_file: str | None = Field(None, description="held-out data for eval loss and best/")
     test_file: str | None = Field(None, description="data for `chattune eval`")
-    format: Literal["auto", "conversations", "prompt_response", "context_target", "alpaca", "sharegpt", "openai"] = (
-        Field("auto", description="data format; auto detects it from the fields")
+    format: Literal[
+        "auto", "conversations", "prompt_response", "context_target", "alpaca", "sharegpt", "openai"
+    ] = Field("auto", description="data format; auto detects it from the fields")
+    on_bad_record: Literal["error", "skip"] = Field(
+        "error", description="stop at a bad record, or skip and count"
     )
-    on_bad_record: Literal["error", "skip"] = Field("error", description="stop at a bad record, or skip and count")
     max_seq_len: int = Field(2048, gt=0, description="token limit for conversations")
-    max_source_len: int = Field(1024, gt=0, description="token limit for a prompt/context (prefix tokens included)")
+    max_source_len: int = Field(
+        1024, gt=0, description="token limit for a prompt/context (prefix tokens included)"
+    )
     max_target_len: int = Field(128, gt=0, description="token limit for a response/target")
     packing: bool = Field(False, description="concatenate samples into rows without padding")
 
@@ -62,7 +68,9 @@ class TrainConfig(BaseModel):
     max_steps: int | None = Field(None, gt=0, description="overrides epochs when set")
     gradient_checkpointing: bool = Field(False, description="trade speed for activation memory")
     seed: int = 42
-    num_threads: int | None = Field(None, gt=0, description="CPU threads; default: the cores this process may use")
+    num_threads: int | None = Field(
+        None, gt=0, description="CPU threads; default: the cores this process may use"
+    )
 
     # logging, checkpoints
     output_dir: str = "runs/my-run"
@@ -146,13 +154,17 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
             where = f" at line {mark.line + 1}" if mark else ""
-            raise ConfigError(f"config file {path} is not valid YAML{where}: {getattr(e, 'problem', e)}") from None
+            raise ConfigError(
+                f"config file {path} is not valid YAML{where}: {getattr(e, 'problem', e)}"
+            ) from None
         except UnicodeDecodeError:
             raise ConfigError(f"config file {path} is not UTF-8 text") from None
         if loaded is None:
             loaded = {}
         if not isinstance(loaded, dict):
-            raise ConfigError(f"config file {path} must be a mapping of key: value, not {type(loaded).__name__}")
+            raise ConfigError(
+                f"config file {path} must be a mapping of key: value, not {type(loaded).__name__}"
+            )
         values.update({str(k): v for k, v in loaded.items()})
     for item in overrides:
         key, value = parse_override(item)
@@ -162,4 +174,6 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
 
 def save_config(cfg: TrainConfig, path: str | Path) -> None:
     """Write the resolved config as YAML (what infer/serve/eval read back)."""
-    Path(path).write_text(yaml.safe_dump(cfg.model_dump(), sort_keys=False, allow_unicode=True), encoding="utf-8")
+    Path(path).write_text(
+        yaml.safe_dump(cfg.model_dump(), sort_keys=False, allow_unicode=True), encoding="utf-8"
+    )

@@ -12,7 +12,9 @@ from chattune.errors import DataFormatError
 
 
 def write_jsonl(path, records):
-    path.write_text("\n".join(r if isinstance(r, str) else json.dumps(r, ensure_ascii=False) for r in records) + "\n")
+    path.write_text(
+        "\n".join(r if isinstance(r, str) else json.dumps(r, ensure_ascii=False) for r in records) + "\n"
+    )
     return path
 
 
@@ -40,7 +42,13 @@ def test_detects_each_format(tmp_path):
 
 
 def test_alpaca_joins_instruction_and_input_and_keeps_history(tmp_path):
-    rec = {"instruction": "Translate", "input": "chat", "output": "cat", "system": "S", "history": [["q", "a"]]}
+    rec = {
+        "instruction": "Translate",
+        "input": "chat",
+        "output": "cat",
+        "system": "S",
+        "history": [["q", "a"]],
+    }
     (conv,) = samples(write_jsonl(tmp_path / "a.jsonl", [rec]))
     assert [(m.role, m.content) for m in conv.messages] == [
         ("system", "S"), ("user", "q"), ("assistant", "a"), ("user", "Translate\nchat"), ("assistant", "cat")

@@ -46,8 +46,12 @@ def official_reference(tok, conv_json, tools=None, max_len=10**9):
     ids, mask = [tok.get_command("[gMASK]"), tok.get_command("sop")], [0, 0]
     convs = list(conv_json)
     if tools is not None:
-        prefix = "Answer the following questions as best as you can. You have access to the following tools:\n"
-        convs.insert(0, {"role": "system", "content": prefix + json.dumps(tools, indent=4, ensure_ascii=False)})
+        prefix = (
+            "Answer the following questions as best as you can. You have access to the following tools:\n"
+        )
+        convs.insert(
+            0, {"role": "system", "content": prefix + json.dumps(tools, indent=4, ensure_ascii=False)}
+        )
     for c in convs:
         loss = c.get("loss", True) and c["role"] not in ("system", "user")
         if c["role"] == "tool":
@@ -78,7 +82,12 @@ def test_chatglm3_tools_observation_loss_false_and_truncation(glm_tok, tmp_path)
         {"role": "system", "content": "你是一个助手"},
         {"role": "user", "content": "巴黎天气怎么样？"},
         {"role": "assistant", "content": "我来查一下。", "loss": False},
-        {"role": "tool", "name": "get_weather", "parameters": {"city": "Paris", "days": 2}, "observation": "晴，21度"},
+        {
+            "role": "tool",
+            "name": "get_weather",
+            "parameters": {"city": "Paris", "days": 2},
+            "observation": "晴，21度",
+        },
         {"role": "assistant", "content": "巴黎今天晴，21度。"},
     ]
     path = tmp_path / "t.jsonl"
@@ -112,9 +121,10 @@ def test_hf_masks_learn_replies_and_end_of_turn_only(request, which):
     eot = "<|im_end|>" if which == "chatml_tokenizer" else "<|eot_id|>"
     assert learnt(tok, enc) == f"Hello!{eot}Goodbye.{eot}"
     # the full text is exactly the tokenizer's own rendering
-    assert enc.input_ids == tok(tok.apply_chat_template(_hf(WORKED), tokenize=False), add_special_tokens=False)[
-        "input_ids"
-    ]
+    assert (
+        enc.input_ids
+        == tok(tok.apply_chat_template(_hf(WORKED), tokenize=False), add_special_tokens=False)["input_ids"]
+    )
     # the generation prompt is a prefix of the training text up to the reply
     prompt = tpl.encode_prompt(Conversation(WORKED.messages[:4]))
     assert enc.input_ids[: len(prompt)] == prompt

@@ -33,7 +33,9 @@ def print_sanity(console: Console, tokenizer: Any, input_ids: Sequence[int], lab
 def print_json_samples(console: Console, rows: Any) -> None:
     """One JSON object per sample, unpadded, nothing else."""
     for row in rows:
-        console.out(json.dumps({"input_ids": list(row["input_ids"]), "labels": list(row["labels"])}), highlight=False)
+        console.out(
+            json.dumps({"input_ids": list(row["input_ids"]), "labels": list(row["labels"])}), highlight=False
+        )
 
 
 def stats_table(stats: DataStats, title: str) -> Table:

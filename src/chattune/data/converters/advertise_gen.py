@@ -14,7 +14,9 @@ _TARGETS = ("prompt_response", "conversations")
 
 
 @CONVERTERS.register("advertise-gen")
-def convert_advertise_gen(source: Path, stats: ConvertStats, *, to: str = "prompt_response") -> Iterator[dict[str, Any]]:
+def convert_advertise_gen(
+    source: Path, stats: ConvertStats, *, to: str = "prompt_response"
+) -> Iterator[dict[str, Any]]:
     """Each line's content → prompt and summary → response (`to="conversations"`: a user/assistant turn)."""
     if to not in _TARGETS:
         raise ConfigError(f"advertise-gen option to must be one of {', '.join(_TARGETS)}, not {to!r}")

@@ -77,11 +77,12 @@ def build_template(name: str, tokenizer: Any, limits: Limits | None = None) -> T
     return TEMPLATES.get(resolved)(tokenizer, limits or Limits())
 
 
-def split_pair_budget(sample: Pair, encode: Any, limits: Limits, prefix_len: int) -> tuple[list[int], list[int], bool]:
+def split_pair_budget(
+    sample: Pair, encode: Any, limits: Limits, prefix_len: int
+) -> tuple[list[int], list[int], bool]:
     """Source and target ids cut to max_source_len (prefix tokens included) and max_target_len."""
     src = encode(sample.prompt)
     tgt = encode(sample.response)
     keep_src = max(limits.max_source_len - prefix_len, 0)
     truncated = len(src) > keep_src or len(tgt) > limits.max_target_len
     return src[:keep_src], tgt[: limits.max_target_len], truncated
-

@@ -71,7 +71,9 @@ class ChatGLM3Template:
         eos, pad = self.tok.eos_token_id, self.tok.pad_token_id
         ids = self.prefix + src + tgt + [eos]
         # the demo marks padding by the pad id, so a target token equal to it (unk) is not learnt either
-        labels = [IGNORE_INDEX] * (len(self.prefix) + len(src)) + [t if t != pad else IGNORE_INDEX for t in tgt]
+        labels = [IGNORE_INDEX] * (len(self.prefix) + len(src)) + [
+            t if t != pad else IGNORE_INDEX for t in tgt
+        ]
         return Encoded(ids, [*labels, eos], truncated)
 
     def _plain(self, text: str) -> list[int]:
@@ -87,4 +89,8 @@ class ChatGLM3Template:
 
     def stop_token_ids(self) -> list[int]:
         """eos, and the role tokens that hand the turn back to the user or a tool."""
-        return [self.tok.eos_token_id, self.tok.get_command("<|user|>"), self.tok.get_command("<|observation|>")]
+        return [
+            self.tok.eos_token_id,
+            self.tok.get_command("<|user|>"),
+            self.tok.get_command("<|observation|>"),
+        ]

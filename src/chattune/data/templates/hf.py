@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
 from chattune.data.schema import Conversation, Message, Sample
@@ -15,10 +16,15 @@ def to_hf_messages(conv: Conversation) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
     for m in conv.messages:
         if m.tool_call is not None:
-            call = {"type": "function", "function": {"name": m.tool_call.name, "arguments": m.tool_call.arguments}}
+            call = {
+                "type": "function",
+                "function": {"name": m.tool_call.name, "arguments": m.tool_call.arguments},
+            }
             out.append({"role": "assistant", "content": m.content, "tool_calls": [call]})
         elif m.role == "observation":
-            out.append({"role": "tool", "content": m.content, **({"name": m.tool_name} if m.tool_name else {})})
+            out.append(
+                {"role": "tool", "content": m.content, **({"name": m.tool_name} if m.tool_name else {})}
+            )
         else:
             out.append({"role": m.role, "content": m.content})
     return out
@@ -37,7 +43,9 @@ class HFChatTemplate:
 
     def __init__(self, tokenizer: Any, limits: Limits):
         if not getattr(tokenizer, "chat_template", None):
-            raise ConfigError(f"the tokenizer of {tokenizer.name_or_path} has no chat template; use template: raw")
+            raise ConfigError(
+                f"the tokenizer of {tokenizer.name_or_path} has no chat template; use template: raw"
+            )
         self.tok, self.limits = tokenizer, limits
         self.raw = RawTemplate(tokenizer, limits)
 
@@ -95,7 +103,7 @@ class HFChatTemplate:
         # slow tokenizers: encode the text piecewise at span boundaries so no token straddles one
         cuts = sorted({0, len(text), *[c for span in spans for c in span]})
         ids, starts = [], []
-        for a, b in zip(cuts, cuts[1:], strict=False):
+        for a, b in itertools.pairwise(cuts):
             piece = self.tok.encode(text[a:b], add_special_tokens=False)
             ids += piece
             starts += [a] * len(piece)

@@ -24,7 +24,9 @@ class RawTemplate:
     def __init__(self, tokenizer: Any, limits: Limits):
         self.tok, self.limits = tokenizer, limits
         if tokenizer.eos_token_id is None:
-            raise ConfigError(f"the tokenizer of {tokenizer.name_or_path} has no eos token; raw data needs one")
+            raise ConfigError(
+                f"the tokenizer of {tokenizer.name_or_path} has no eos token; raw data needs one"
+            )
         self.prefix = [tokenizer.bos_token_id] if adds_bos(tokenizer) else []
 
     def _plain(self, text: str) -> list[int]:
