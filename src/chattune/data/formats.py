@@ -24,6 +24,7 @@ class Where:
     """Where a record came from; builds errors that name file, line and field."""
 
     record: SourceRecord
+    require_target: bool = True  # training needs something to learn; inference inputs may end at a question
 
     def error(self, reason: str, field: str | None = None) -> DataFormatError:
         """A DataFormatError at this record."""
@@ -117,7 +118,7 @@ def validate_conversation(conv: Conversation, where: Where, path: str = "convers
                 f"{reason}: at most one system message, before the first user message", f"{path}[{i}]"
             )
         seen_user = seen_user or m.role == "user"
-    if not any(m.trained for m in conv.messages):
+    if where.require_target and not any(m.trained for m in conv.messages):
         raise where.error("no trainable message (no assistant turn, or every one has loss: false)", path)
     return conv
 
@@ -157,14 +158,18 @@ def _conversations(value: Any, where: Where) -> Conversation:
 def _prompt_response(value: Any, where: Where) -> Pair:
     """Input-output data: `prompt` → `response`."""
     rec = _obj(value, where)
-    return Pair(_str(rec, "prompt", where, ""), _str(rec, "response", where, ""))
+    return Pair(
+        _str(rec, "prompt", where, ""), _str(rec, "response", where, "", required=where.require_target) or ""
+    )
 
 
 @FORMATS.register("context_target")
 def _context_target(value: Any, where: Where) -> Pair:
     """The ChatGLM-6B LoRA tutorial's data: `context` → `target`."""
     rec = _obj(value, where)
-    return Pair(_str(rec, "context", where, ""), _str(rec, "target", where, ""))
+    return Pair(
+        _str(rec, "context", where, ""), _str(rec, "target", where, "", required=where.require_target) or ""
+    )
 
 
 @FORMATS.register("alpaca")
@@ -184,7 +189,9 @@ def _alpaca(value: Any, where: Where) -> Conversation:
     instruction = _str(rec, "instruction", where, "")
     extra = _str(rec, "input", where, "", required=False)
     msgs.append(Message("user", f"{instruction}\n{extra}" if extra else instruction))
-    msgs.append(Message("assistant", _str(rec, "output", where, "")))
+    output = _str(rec, "output", where, "", required=where.require_target)
+    if output is not None:
+        msgs.append(Message("assistant", output))
     return validate_conversation(Conversation(msgs), where, "output")
 
 
@@ -293,9 +300,16 @@ def detect_format(value: Any, where: Where) -> str:
 
 
 def read_samples(
-    path: str | Path, format: str = "auto", on_bad_record: str = "error", report: ReadReport | None = None
+    path: str | Path,
+    format: str = "auto",
+    on_bad_record: str = "error",
+    report: ReadReport | None = None,
+    allow_untrained: bool = False,
 ) -> Iterator[tuple[SourceRecord, Sample]]:
-    """Stream canonical samples from a file; bad records raise or, with `on_bad_record: skip`, are counted."""
+    """Stream canonical samples from a file; bad records raise or, with `on_bad_record: skip`, are counted.
+
+    `allow_untrained` accepts records with nothing to learn (inference inputs that end at a question).
+    """
     if on_bad_record not in ("error", "skip"):
         raise ConfigError(f"on_bad_record must be 'error' or 'skip', not {on_bad_record!r}")
     report = report if report is not None else ReadReport()
@@ -306,7 +320,7 @@ def read_samples(
         try:
             if isinstance(item, DataFormatError):
                 raise item
-            where = Where(item)
+            where = Where(item, require_target=not allow_untrained)
             if normalise is None:  # auto: the first readable record decides for the whole file
                 fmt = detect_format(item.value, where)
                 normalise = FORMATS.get(fmt)

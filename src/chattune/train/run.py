@@ -105,19 +105,6 @@ def training_arguments(cfg: TrainConfig, precision: str) -> Any:
     )
 
 
-def quiet_libraries() -> None:
-    """Keep the console for our progress and errors: silence library deprecation chatter and loading bars."""
-    import warnings
-
-    import datasets
-    import transformers
-
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    transformers.logging.set_verbosity_error()
-    transformers.logging.disable_progress_bar()
-    datasets.disable_progress_bars()
-
-
 def run_training(cfg: TrainConfig, console: Console | None = None) -> Path:
     """Train as the config says; returns the final/ directory."""
     import torch
@@ -131,7 +118,6 @@ def run_training(cfg: TrainConfig, console: Console | None = None) -> Path:
     from chattune.train.trainer import ChattuneTrainer
 
     console = console or Console(stderr=True, soft_wrap=True)
-    quiet_libraries()
     cfg.require("train_file")
     resume_from = prepare_output_dir(cfg)
     out = Path(cfg.output_dir)
