@@ -120,27 +120,23 @@ def reply(p: Product, intent: str, colour: str = "", units: int | None = None) -
     return json.dumps(shape, ensure_ascii=False)
 
 
-def pick_colour(rng: random.Random, p: Product) -> str:
-    """Half the time a colour the product has, otherwise one it lacks."""
-    return rng.choice(p[3] if rng.random() < 0.5 else [c for c in ALL_COLOURS if c not in p[3]])
-
-
-def ask(rng: random.Random, split: str, p: Product, intent: str) -> tuple[str, str]:
+def ask(rng: random.Random, split: str, p: Product, intent: str, template: str = "") -> tuple[str, str]:
     """A (question, answer) pair for one product and intent, phrased from the split's templates."""
-    colour = pick_colour(rng, p) if intent == "colour_check" else ""
-    question = rng.choice(QUESTIONS[intent][split]).format(name=p[0], sku=p[1], colour=colour)
+    colour = ""
+    if intent == "colour_check":  # half the time a colour the product has, otherwise one it lacks
+        colour = rng.choice(p[3] if rng.random() < 0.5 else [c for c in ALL_COLOURS if c not in p[3]])
+    question = (template or rng.choice(QUESTIONS[intent][split])).format(name=p[0], sku=p[1], colour=colour)
     return question, reply(p, intent, colour)
 
 
 def record(*turns: dict[str, Any], tools: list[dict[str, Any]] | None = None) -> dict[str, Any]:
-    rec: dict[str, Any] = {"conversations": [{"role": "system", "content": SYSTEM}, *turns]}
-    if tools:
-        rec["tools"] = tools
-    return rec
+    """One record: the shared system message, the turns, and the tool list if there is one."""
+    conversations = [{"role": "system", "content": SYSTEM}, *turns]
+    return {"conversations": conversations, "tools": tools} if tools else {"conversations": conversations}
 
 
-def single(rng: random.Random, split: str, p: Product, intent: str) -> dict[str, Any]:
-    q, a = ask(rng, split, p, intent)
+def single(rng: random.Random, split: str, p: Product, intent: str, template: str = "") -> dict[str, Any]:
+    q, a = ask(rng, split, p, intent, template)
     return record({"role": "user", "content": q}, {"role": "assistant", "content": a})
 
 
@@ -158,10 +154,10 @@ def two_turn(rng: random.Random, split: str) -> dict[str, Any]:
     return record(*({"role": r, "content": c} for r, c in turns))
 
 
-def tool_call(rng: random.Random, split: str, p: Product) -> dict[str, Any]:
+def tool_call(rng: random.Random, p: Product, question: str) -> dict[str, Any]:
     units = rng.randint(2, 40) if p[4] else 0
     return record(
-        {"role": "user", "content": rng.choice(TOOL_QUESTIONS[split]).format(name=p[0])},
+        {"role": "user", "content": question.format(name=p[0])},
         {"role": "tool", "name": "check_stock", "parameters": {"sku": p[1]},
          "observation": {"sku": p[1], "in_stock": units > 0, "units": units}},
         {"role": "assistant", "content": reply(p, "live", units=units)},
@@ -170,14 +166,18 @@ def tool_call(rng: random.Random, split: str, p: Product) -> dict[str, Any]:
 
 
 def build(rng: random.Random) -> dict[str, list[dict[str, Any]]]:
-    """train: every (product, intent) twice plus extras, 16 two-turn, 16 tool calls; eval likewise, smaller."""
-    train = [single(rng, "train", p, i) for p in CATALOGUE for i in QUESTIONS for _ in range(2)]
-    train += [single(rng, "train", rng.choice(CATALOGUE), rng.choice(list(QUESTIONS))) for _ in range(8)]
+    """train: each (product, intent) in 2-3 phrasings, 16 two-turn, 16 tool calls; eval likewise, smaller."""
+    pairs = [(p, i) for p in CATALOGUE for i in QUESTIONS]
+    extra = set(rng.sample(range(len(pairs)), 8))  # these pairs get a third phrasing
+    train = [single(rng, "train", p, i, t) for k, (p, i) in enumerate(pairs)
+             for t in rng.sample(QUESTIONS[i]["train"], 3 if k in extra else 2)]  # fmt: skip
     train += [two_turn(rng, "train") for _ in range(16)]
-    train += [tool_call(rng, "train", rng.choice(CATALOGUE)) for _ in range(16)]
+    tool_pairs = [(p, t) for p in CATALOGUE for t in TOOL_QUESTIONS["train"]]
+    train += [tool_call(rng, p, t) for p, t in rng.sample(tool_pairs, 16)]
     evals = [single(rng, "eval", p, rng.choice(list(QUESTIONS))) for p in CATALOGUE]
     evals += [two_turn(rng, "eval") for _ in range(2)]
-    evals += [tool_call(rng, "eval", p) for p in rng.sample(CATALOGUE, 2)]
+    eval_tools = zip(rng.sample(CATALOGUE, 2), TOOL_QUESTIONS["eval"], strict=True)
+    evals += [tool_call(rng, p, t) for p, t in eval_tools]
     heldout = [
         record({"role": "user", "content": q.format(name=name)},
                {"role": "assistant", "content": reply(BY_NAME[name], intent)})

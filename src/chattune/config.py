@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -45,6 +46,7 @@ class TrainConfig(BaseModel):
     )
     max_target_len: int = Field(128, gt=0, description="token limit for a response/target")
     packing: bool = Field(False, description="concatenate samples into rows without padding")
+    group_by_length: bool = Field(True, description="batch samples of similar length together (less padding)")
 
     # method
     method: Literal["lora", "ptuning_v2", "full", "freeze"] = Field("lora", description="what is trained")
@@ -125,6 +127,13 @@ def _explain(error: ValidationError, source: str) -> str:
         key = ".".join(str(p) for p in e["loc"]) or "config"
         if e["type"] == "extra_forbidden":
             parts.append(f"unknown key '{key}'.{did_you_mean(key, known)}")
+        elif e["type"] == "literal_error":
+            choices = re.findall(r"'([^']*)'|(\d+)", e["ctx"]["expected"])
+            names = [a or b for a, b in choices]
+            hint = did_you_mean(str(e.get("input")), names)
+            parts.append(
+                f"'{key}' must be one of {', '.join(names)}, not {e.get('input')!r}.{hint}".rstrip(".")
+            )
         elif e["type"] == "value_error":
             parts.append(e["msg"].removeprefix("Value error, "))
         else:

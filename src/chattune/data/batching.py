@@ -28,3 +28,27 @@ class PadCollator:
             labels[i, :n] = torch.as_tensor(r["labels"])
             mask[i, :n] = 1
         return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+
+class EpochSeededLengthGroupedSampler:
+    """Length-grouped order that depends only on (seed, epoch), so a resumed run sees the same batches.
+
+    transformers' LengthGroupedSampler draws from the global RNG at iteration time, whose state after a resume
+    differs from the uninterrupted run's.
+    """
+
+    def __init__(self, lengths: list[int], group_size: int, seed: int):
+        self.lengths, self.group_size, self.seed, self.epoch = lengths, group_size, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Called by the Trainer at the start of each epoch."""
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def __iter__(self):
+        from transformers.trainer_pt_utils import get_length_grouped_indices
+
+        g = torch.Generator().manual_seed(self.seed + self.epoch)
+        return iter(get_length_grouped_indices(self.lengths, self.group_size, generator=g))

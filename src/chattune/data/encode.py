@@ -19,9 +19,12 @@ from chattune.data.formats import ReadReport, read_samples
 from chattune.data.templates import Template
 
 # bump when encoding changes in a way old caches must not be reused for
-_ENCODING_REVISION = 1
+_ENCODING_REVISION = 2
 _BATCH = 1000
-_SCHEMA = pa.schema([("input_ids", pa.list_(pa.int32())), ("labels", pa.list_(pa.int32()))])
+# `length` lets the length-grouped sampler batch similar lengths without reading every row
+_SCHEMA = pa.schema(
+    [("input_ids", pa.list_(pa.int32())), ("labels", pa.list_(pa.int32())), ("length", pa.int32())]
+)
 
 
 @dataclass
@@ -109,14 +112,20 @@ def _write_arrow(rows: Iterator[tuple[list[int], list[int]]], target: Path) -> N
     try:
         with pa.OSFile(tmp, "wb") as sink, pa.ipc.new_stream(sink, _SCHEMA) as writer:
             ids, labels = [], []
+
+            def flush() -> None:
+                lengths = [len(x) for x in ids]
+                writer.write_batch(pa.record_batch([ids, labels, lengths], schema=_SCHEMA))
+                ids.clear()
+                labels.clear()
+
             for a, b in rows:
                 ids.append(a)
                 labels.append(b)
                 if len(ids) >= _BATCH:
-                    writer.write_batch(pa.record_batch([ids, labels], schema=_SCHEMA))
-                    ids, labels = [], []
+                    flush()
             if ids:
-                writer.write_batch(pa.record_batch([ids, labels], schema=_SCHEMA))
+                flush()
         os.replace(tmp, target)
     finally:
         if os.path.exists(tmp):

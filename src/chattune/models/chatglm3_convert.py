@@ -73,7 +73,8 @@ def _write(src: Path, dst: Path, cfg: dict[str, Any], glm: Any, shards: list[Pat
     weight_map: dict[str, str] = {}
     total = 0
     for shard, name in zip(shards, names, strict=True):
-        tensors = convert_state_dict(_load_shard(shard), glm)  # one shard in memory at a time
+        grouped = bool(cfg.get("multi_query_attention", False))
+        tensors = convert_state_dict(_load_shard(shard), glm, grouped)  # one shard in memory at a time
         save_file(tensors, str(dst / name), metadata={"format": "pt"})
         weight_map.update(dict.fromkeys(tensors, name))
         total += sum(t.numel() * t.element_size() for t in tensors.values())
@@ -134,7 +135,9 @@ def glm_config_from_chatglm3(cfg: dict[str, Any], interpolate_positions: bool = 
         intermediate_size=cfg["ffn_hidden_size"],
         num_hidden_layers=cfg["num_layers"],
         num_attention_heads=heads,
-        num_key_value_heads=cfg["multi_query_group_num"] if cfg.get("multi_query_attention", True) else heads,
+        num_key_value_heads=cfg["multi_query_group_num"]
+        if cfg.get("multi_query_attention", False)
+        else heads,
         head_dim=cfg.get("kv_channels") or cfg["hidden_size"] // heads,
         max_position_embeddings=cfg.get("seq_length", 8192),
         rms_norm_eps=cfg.get("layernorm_epsilon", 1e-5),
@@ -149,8 +152,13 @@ def glm_config_from_chatglm3(cfg: dict[str, Any], interpolate_positions: bool = 
     )
 
 
-def convert_state_dict(state: dict[str, torch.Tensor], glm: Any) -> dict[str, torch.Tensor]:
-    """Rename (and split the fused q/k/v of) ChatGLM3 weights into GLM names; unknown names are an error."""
+def convert_state_dict(
+    state: dict[str, torch.Tensor], glm: Any, grouped: bool = True
+) -> dict[str, torch.Tensor]:
+    """Rename (and split the fused q/k/v of) ChatGLM3 weights into GLM names; unknown names are an error.
+
+    `grouped`: the config's multi_query_attention (ChatGLM3: true), which decides the fused q/k/v layout.
+    """
     out: dict[str, torch.Tensor] = {}
     unknown = []
     for name, tensor in state.items():
@@ -166,7 +174,7 @@ def convert_state_dict(state: dict[str, torch.Tensor], glm: Any) -> dict[str, to
             "self_attention.query_key_value.bias",
         ):
             kind = layer[2].rsplit(".", 1)[1]
-            for proj, part in zip("qkv", split_qkv(tensor, glm), strict=True):
+            for proj, part in zip("qkv", split_qkv(tensor, glm, grouped), strict=True):
                 # a copy: safetensors refuses tensors that share storage, as views of one tensor do
                 out[f"model.layers.{layer[1]}.self_attn.{proj}_proj.{kind}"] = part.clone()
         else:
@@ -180,10 +188,12 @@ def convert_state_dict(state: dict[str, torch.Tensor], glm: Any) -> dict[str, to
     return out
 
 
-def split_qkv(fused: torch.Tensor, glm: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def split_qkv(
+    fused: torch.Tensor, glm: Any, grouped: bool = True
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Split ChatGLM's fused query_key_value weight or bias (output dim first) into q, k, v."""
     heads, kv_heads, head_dim = glm.num_attention_heads, glm.num_key_value_heads, glm.head_dim
-    if kv_heads != heads:  # multi-query: [all q heads | k groups | v groups]
+    if grouped:  # multi_query_attention: [all q heads | k groups | v groups]
         q, k, v = fused.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=0)
         return q, k, v
     # plain multi-head: per head [q_h | k_h | v_h]

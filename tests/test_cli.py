@@ -1,0 +1,91 @@
+"""The CLI as a user runs it (subprocess): clear one-paragraph errors, non-zero exits, no tracebacks."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+
+def chattune(*args: str, cwd: Path, home: Path) -> subprocess.CompletedProcess:
+    env = os.environ | {"CHATTUNE_HOME": str(home), "HF_HUB_OFFLINE": "1", "COLUMNS": "200"}
+    return subprocess.run(
+        [sys.executable, "-m", "chattune", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+@pytest.fixture()
+def workdir(tmp_path, tiny_model_dir):
+    (tmp_path / "data.jsonl").write_text(
+        json.dumps(
+            {"conversations": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]}
+        )
+        + "\n"
+    )
+    (tmp_path / "run.yaml").write_text(f"model: {tiny_model_dir}\ntrain_file: data.jsonl\n")
+    return tmp_path
+
+
+def assert_clean_failure(proc: subprocess.CompletedProcess, *needles: str) -> None:
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr + proc.stdout
+    for needle in needles:
+        assert needle in proc.stderr, proc.stderr
+
+
+def test_data_check_prints_table_and_stats(workdir):
+    proc = chattune("data", "check", "run.yaml", "-n", "1", cwd=workdir, home=workdir / "home")
+    assert proc.returncode == 0, proc.stderr
+    assert "Sanity Check >>>>>>>>>>>>>" in proc.stdout and "<<<<<<<<<<<<< Sanity Check" in proc.stdout
+    assert "samples kept" in proc.stdout and "'<|im_end|>':" in proc.stdout
+
+
+def test_data_check_json_is_pure(workdir):
+    proc = chattune("data", "check", "run.yaml", "--json", "-n", "5", cwd=workdir, home=workdir / "home")
+    assert proc.returncode == 0, proc.stderr
+    rows = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert len(rows) == 1 and set(rows[0]) == {"input_ids", "labels"}
+    assert len(rows[0]["input_ids"]) == len(rows[0]["labels"])
+
+
+@pytest.mark.parametrize(
+    ("args", "needles"),
+    [
+        (
+            ["data", "check", "run.yaml", "learning_rat=1"],
+            ["unknown key 'learning_rat'", "Did you mean 'learning_rate'"],
+        ),
+        (["data", "check", "run.yaml", "batch_size=many"], ["'batch_size'"]),
+        (["data", "check", "run.yaml", "method=full", "quantization_bit=4"], ["cannot be combined"]),
+        (["data", "check", "run.yaml", "train_file=null"], ["train_file"]),
+        (["data", "check", "missing.yaml"], ["missing.yaml not found"]),
+        (
+            ["data", "check", "run.yaml", "train_file=bad.jsonl"],
+            ["bad.jsonl:2", "field 'conversations[0].role'"],
+        ),
+        (["data", "check", "run.yaml", "template=chatglm"], ["Did you mean 'chatglm3'"]),
+        (["data", "check", "run.yaml", "model=no-such-model"], ["no-such-model"]),
+        (["data", "convert", "advertise-gn", "x.json", "-o", "y.jsonl"], ["Did you mean 'advertise-gen'"]),
+    ],
+)
+def test_bad_input_fails_cleanly(workdir, args, needles):
+    (workdir / "bad.jsonl").write_text(
+        (workdir / "data.jsonl").read_text() + '{"conversations": [{"role": "bot"}]}\n'
+    )
+    assert_clean_failure(chattune(*args, cwd=workdir, home=workdir / "home"), *needles)
+
+
+def test_yaml_that_is_not_a_mapping(workdir):
+    (workdir / "list.yaml").write_text("- a\n- b\n")
+    assert_clean_failure(
+        chattune("data", "check", "list.yaml", cwd=workdir, home=workdir / "home"), "mapping"
+    )
