@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,13 @@ def prepare_output_dir(cfg: TrainConfig) -> str | None:
     out = Path(cfg.output_dir)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"output_dir {out} exists and is not a directory")
+    if int(os.environ.get("RANK", "0")) != 0:
+        # under torchrun only rank 0 checks and cleans the dir; the others reach the same decision read-only
+        if cfg.overwrite_output_dir:
+            return None
+        if isinstance(cfg.resume, str) and cfg.resume != "auto":
+            return cfg.resume
+        return get_last_checkpoint(str(out)) if cfg.resume == "auto" and out.is_dir() else None
     out.mkdir(parents=True, exist_ok=True)
     shutil.rmtree(out / ".staging", ignore_errors=True)  # a checkpoint that never finished writing
     if cfg.overwrite_output_dir:
@@ -158,7 +166,8 @@ def run_training(cfg: TrainConfig, console: Console | None = None) -> Path:
     console.print(describe_trainable(model), highlight=False)
     console.print(f"precision: {precision}   threads: {torch.get_num_threads()}   template: {template.name}")
 
-    save_config(cfg, out / "config.yaml")
+    if int(os.environ.get("RANK", "0")) == 0:
+        save_config(cfg, out / "config.yaml")
     run_info = {
         "chattune_version": __version__,
         "base_model": cfg.model,

@@ -52,13 +52,9 @@ class ChattuneTrainer(Trainer):
     # ------------------------------------------------------------------ order
     def _get_train_sampler(self, train_dataset: Any = None) -> Any:
         dataset = train_dataset if train_dataset is not None else self.train_dataset
-        single = self.args.world_size <= 1
-        if (
-            self.args.train_sampling_strategy == "group_by_length"
-            and single
-            and "length" in dataset.column_names
-        ):
-            group = self.args.train_batch_size * self.args.gradient_accumulation_steps
+        # every process builds the same order from (seed, epoch); accelerate then hands each its share of batches
+        if self.args.train_sampling_strategy == "group_by_length" and "length" in dataset.column_names:
+            group = self.args.train_batch_size * self.args.gradient_accumulation_steps * self.args.world_size
             return EpochSeededLengthGroupedSampler(
                 dataset["length"], group, self.args.data_seed or self.args.seed
             )
