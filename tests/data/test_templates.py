@@ -165,3 +165,28 @@ def test_raw_pair_and_truncation(chatml_tokenizer):
 def test_unknown_template_suggests(chatml_tokenizer):
     with pytest.raises(ConfigError, match="Did you mean 'chatglm3'"):
         build_template("chatglm", chatml_tokenizer)
+
+
+def test_tools_and_calls_go_into_text_when_the_template_cannot_render_them(chatml_tokenizer):
+    tpl = build_template("hf", chatml_tokenizer)
+    assert (tpl.native_tools, tpl.native_calls) == (False, False)  # the test ChatML template knows neither
+    tools = [{"name": "get_weather", "parameters": {"city": {"type": "string"}}}]
+    conv = Conversation([Message("user", "q"), Message("assistant", "", tool_call=ToolCall("get_weather", {"city": "Paris"})),
+                         Message("observation", "sunny", tool_name="get_weather"), Message("assistant", "Sunny.")], tools)  # fmt: skip
+    enc = tpl.encode(conv)
+    text = chatml_tokenizer.decode(enc.input_ids)
+    assert "You have access to the following tools" in text and '"get_weather"' in text
+    call = learnt(chatml_tokenizer, enc).split("<|im_end|>")[0]
+    assert tpl.parse_reply(call).tool_calls == [ToolCall("get_weather", {"city": "Paris"})]
+    assert tpl.parse_reply("Sunny.").content == "Sunny."
+    bad = tpl.parse_reply("<tool_call>\n{not json}\n</tool_call>")
+    assert bad.error and not bad.tool_calls
+
+
+def test_chatglm3_reply_parsing(glm_tok):
+    tpl = build_template("chatglm3", glm_tok)
+    assert tpl.parse_reply("\nHello there").content == "Hello there"
+    reply = tpl.parse_reply("get_weather\n```python\ntool_call(city='Paris', days=2)\n```")
+    assert reply.tool_calls == [ToolCall("get_weather", {"city": "Paris", "days": 2})] and reply.error is None
+    bad = tpl.parse_reply("get_weather\n```python\ntool_call(city=os.system('x'))\n```")
+    assert bad.error and not bad.tool_calls

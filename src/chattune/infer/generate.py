@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from chattune.data.schema import Sample
+from chattune.data.templates import ParsedReply
 from chattune.infer.engine import Engine
 
 
@@ -62,7 +63,10 @@ def generate_batch(
     batch_size: int = 8,
     progress: Any = None,
 ) -> list[str]:
-    """Replies for many prompt id lists, in input order; longest-first batches waste the least padding."""
+    """Raw reply texts for many prompt id lists, in input order (parse them with `template.parse_reply`).
+
+    Longest-first batches waste the least padding.
+    """
     if sampling.seed is not None:
         torch.manual_seed(sampling.seed)
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
@@ -79,15 +83,16 @@ def generate_batch(
         for i, tokens in zip(idx, new, strict=True):
             replies[i] = engine.tokenizer.decode(
                 _cut_at_stop(tokens, stops, engine.tokenizer.pad_token_id), skip_special_tokens=True
-            ).strip()
+            )
         if progress is not None:
             progress(len(idx))
     return replies
 
 
-def generate_one(engine: Engine, sample: Sample, sampling: Sampling) -> str:
+def generate_one(engine: Engine, sample: Sample, sampling: Sampling) -> ParsedReply:
     """The reply to one sample, encoded exactly as training encoded its format."""
-    return generate_batch(engine, [engine.template.encode_prompt(sample)], sampling, batch_size=1)[0]
+    raw = generate_batch(engine, [engine.template.encode_prompt(sample)], sampling, batch_size=1)[0]
+    return engine.template.parse_reply(raw)
 
 
 def stream(engine: Engine, prompt_ids: list[int], sampling: Sampling) -> Iterator[str]:

@@ -28,7 +28,8 @@ def predict(
     )
     with Progress(*columns, console=console, transient=True) as bar:
         task = bar.add_task("generate", total=len(ids))
-        return generate_batch(engine, ids, sampling, batch_size, lambda n: bar.advance(task, n))
+        raw = generate_batch(engine, ids, sampling, batch_size, lambda n: bar.advance(task, n))
+    return [engine.template.parse_reply(text).display() for text in raw]
 
 
 def run_infer(

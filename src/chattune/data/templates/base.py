@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from chattune.data.schema import Pair, Sample
+from chattune.data.schema import Pair, Sample, ToolCall
 from chattune.errors import ConfigError
 from chattune.registry import Registry
 
@@ -19,6 +20,20 @@ class Limits:
     max_seq_len: int = 2048
     max_source_len: int = 1024
     max_target_len: int = 128
+
+
+@dataclass
+class ParsedReply:
+    """A generated reply split into text and tool calls; `error` says why a call-looking reply did not parse."""
+
+    content: str
+    tool_calls: list[ToolCall] = field(default_factory=list)
+    error: str | None = None
+
+    def display(self) -> str:
+        """The reply as a person reads it: the text, or the calls as name(arguments)."""
+        calls = [f"{c.name}({json.dumps(c.arguments, ensure_ascii=False)})" for c in self.tool_calls]
+        return "\n".join(x for x in [self.content, *calls] if x)
 
 
 @dataclass
@@ -50,6 +65,10 @@ class Template(Protocol):
 
     def stop_token_ids(self) -> list[int]:
         """Token ids that end a generated reply."""
+        ...
+
+    def parse_reply(self, text: str) -> ParsedReply:
+        """Split generated text (special tokens removed) into content and tool calls, as training wrote them."""
         ...
 
 

@@ -6,8 +6,8 @@ import ast
 import json
 from typing import Any
 
-from chattune.data.schema import TOOLS_SYSTEM_PREFIX, Conversation, Message, Pair, Sample
-from chattune.data.templates.base import IGNORE_INDEX, TEMPLATES, Encoded, Limits, split_pair_budget
+from chattune.data.schema import TOOLS_SYSTEM_PREFIX, Conversation, Message, Pair, Sample, ToolCall
+from chattune.data.templates.base import IGNORE_INDEX, TEMPLATES, Encoded, Limits, ParsedReply, split_pair_budget
 
 
 def format_tool_call(name: str, arguments: dict[str, Any]) -> str:
@@ -18,6 +18,21 @@ def format_tool_call(name: str, arguments: dict[str, Any]) -> str:
         keywords=[ast.keyword(arg=k, value=ast.Constant(v)) for k, v in arguments.items()],
     )
     return f"```python\n{ast.unparse(call)}\n```"
+
+
+def parse_tool_call(content: str) -> dict[str, Any]:
+    """Keyword arguments of a ```` ```python\ntool_call(k=v)\n``` ```` block; literals only, never executed."""
+    code = content.strip().removeprefix("```python").removeprefix("```").removesuffix("```").strip()
+    try:
+        node = ast.parse(code, mode="eval").body
+    except SyntaxError as e:
+        raise ValueError(f"not a Python call: {e.msg}") from None
+    if not isinstance(node, ast.Call) or node.args:
+        raise ValueError("expected tool_call(name=value, ...)")
+    try:
+        return {kw.arg: ast.literal_eval(kw.value) for kw in node.keywords if kw.arg is not None}
+    except ValueError as e:
+        raise ValueError(f"arguments must be literals: {e}") from None
 
 
 def tools_system_prompt(tools: list[Any]) -> str:
@@ -86,6 +101,17 @@ class ChatGLM3Template:
             return self.prefix + src
         ids, _ = self._conversation_ids(sample)
         return [*ids, self.tok.get_command("<|assistant|>")]
+
+    def parse_reply(self, text: str) -> ParsedReply:
+        """ChatGLM3 replies start with a metadata line: empty for text, the tool name for a call."""
+        metadata, _, content = text.partition("\n")
+        if not metadata.strip():
+            return ParsedReply(content.strip())
+        name = metadata.strip()
+        try:
+            return ParsedReply("", [ToolCall(name, parse_tool_call(content))])
+        except ValueError as e:
+            return ParsedReply(text.strip(), error=f"malformed call to {name}: {e}")
 
     def stop_token_ids(self) -> list[int]:
         """eos, and the role tokens that hand the turn back to the user or a tool."""

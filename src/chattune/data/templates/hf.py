@@ -3,31 +3,77 @@
 from __future__ import annotations
 
 import itertools
+import json
+import re
 from typing import Any
 
-from chattune.data.schema import Conversation, Message, Sample
-from chattune.data.templates.base import IGNORE_INDEX, TEMPLATES, Encoded, Limits
+from chattune.data.schema import Conversation, Message, Sample, ToolCall
+from chattune.data.templates.base import IGNORE_INDEX, TEMPLATES, Encoded, Limits, ParsedReply
+from chattune.data.templates.chatglm3 import tools_system_prompt
 from chattune.data.templates.raw import RawTemplate
 from chattune.errors import ConfigError
 
 
-def to_hf_messages(conv: Conversation) -> list[dict[str, Any]]:
-    """Canonical messages in the shape `apply_chat_template` expects (OpenAI-style tool calls and results)."""
+TOOL_CALL_OPEN, TOOL_CALL_CLOSE = "<tool_call>", "</tool_call>"
+_TOOL_CALL_RE = re.compile(re.escape(TOOL_CALL_OPEN) + r"\s*(.*?)\s*" + re.escape(TOOL_CALL_CLOSE), re.DOTALL)
+
+
+def format_tool_call_text(call: ToolCall) -> str:
+    """A call written into the reply text, for chat templates that cannot render `tool_calls` themselves."""
+    body = json.dumps({"name": call.name, "arguments": call.arguments}, ensure_ascii=False)
+    return f"{TOOL_CALL_OPEN}\n{body}\n{TOOL_CALL_CLOSE}"
+
+
+def to_hf_messages(conv: Conversation, native_tools: bool = True, native_calls: bool = True) -> list[dict[str, Any]]:
+    """Canonical messages in the shape `apply_chat_template` expects (OpenAI-style tool calls and results).
+
+    Where the template ignores tool definitions or tool calls, they go into the text instead (definitions as
+    ChatGLM3's tools system prompt, calls as `<tool_call>` JSON), so the model still sees what it learns from.
+    """
     out: list[dict[str, Any]] = []
     for m in conv.messages:
-        if m.tool_call is not None:
-            call = {
-                "type": "function",
-                "function": {"name": m.tool_call.name, "arguments": m.tool_call.arguments},
-            }
+        if m.tool_call is not None and native_calls:
+            call = {"type": "function", "function": {"name": m.tool_call.name, "arguments": m.tool_call.arguments}}
             out.append({"role": "assistant", "content": m.content, "tool_calls": [call]})
+        elif m.tool_call is not None:
+            text = "\n".join(x for x in (m.content, format_tool_call_text(m.tool_call)) if x)
+            out.append({"role": "assistant", "content": text})
         elif m.role == "observation":
-            out.append(
-                {"role": "tool", "content": m.content, **({"name": m.tool_name} if m.tool_name else {})}
-            )
+            out.append({"role": "tool", "content": m.content, **({"name": m.tool_name} if m.tool_name else {})})
         else:
             out.append({"role": m.role, "content": m.content})
+    if conv.tools and not native_tools:
+        tools_text = tools_system_prompt(conv.tools)
+        if out and out[0]["role"] == "system":
+            out[0] = {"role": "system", "content": f"{tools_text}\n\n{out[0]['content']}"}
+        else:
+            out.insert(0, {"role": "system", "content": tools_text})
     return out
+
+
+def parse_tool_calls_text(text: str) -> ParsedReply:
+    """Tool calls in a reply: `<tool_call>` JSON blocks, or a reply that is one JSON call object."""
+    calls, errors = [], []
+    bodies = _TOOL_CALL_RE.findall(text)
+    stripped = text.strip()
+    if not bodies and stripped.startswith("{") and '"name"' in stripped:
+        bodies = [stripped]
+    for body in bodies:
+        try:
+            obj = json.loads(body)
+            args = obj.get("arguments", obj.get("parameters", {}))
+            if isinstance(args, str):
+                args = json.loads(args)
+            if not isinstance(obj.get("name"), str) or not isinstance(args, dict):
+                raise ValueError("expected {name, arguments}")
+            calls.append(ToolCall(obj["name"], args))
+        except (ValueError, AttributeError) as e:
+            errors.append(f"malformed tool call {body[:80]!r}: {e}")
+    if errors:
+        return ParsedReply(stripped, error="; ".join(errors))
+    if calls and bodies == [stripped]:
+        return ParsedReply("", calls)
+    return ParsedReply(_TOOL_CALL_RE.sub("", text).strip(), calls)
 
 
 @TEMPLATES.register("hf")
@@ -48,22 +94,48 @@ class HFChatTemplate:
             )
         self.tok, self.limits = tokenizer, limits
         self.raw = RawTemplate(tokenizer, limits)
+        self.native_tools, self.native_calls = self._probe_tool_support()
+
+    def _probe_tool_support(self) -> tuple[bool, bool]:
+        """Whether the chat template renders tool definitions and tool calls itself (checked by rendering)."""
+        probe_tool = [{"type": "function", "function": {"name": "zzprobe_tool", "parameters": {}}}]
+        user = [{"role": "user", "content": "x"}]
+        call = {"type": "function", "function": {"name": "zzprobe_call", "arguments": {}}}
+        try:
+            tools = "zzprobe_tool" in self.tok.apply_chat_template(user, tools=probe_tool, tokenize=False)
+        except Exception:  # templates that reject tools outright
+            tools = False
+        try:
+            msgs = [*user, {"role": "assistant", "content": "", "tool_calls": [call]}]
+            calls = "zzprobe_call" in self.tok.apply_chat_template(msgs, tokenize=False)
+        except Exception:  # templates that reject tool_calls outright
+            calls = False
+        return tools, calls
+
+    def hf_messages(self, conv: Conversation) -> list[dict[str, Any]]:
+        """The conversation as this template's messages (tools and calls in text where it cannot render them)."""
+        return to_hf_messages(conv, self.native_tools, self.native_calls)
+
+    def parse_reply(self, text: str) -> ParsedReply:
+        """Text and `<tool_call>` (or bare JSON) tool calls."""
+        return parse_tool_calls_text(text)
 
     def _render(self, conv: Conversation, messages: list[dict[str, Any]], generation: bool) -> str:
-        return self.tok.apply_chat_template(
-            messages, tools=conv.tools, tokenize=False, add_generation_prompt=generation
-        )
+        tools = conv.tools if self.native_tools else None
+        return self.tok.apply_chat_template(messages, tools=tools, tokenize=False, add_generation_prompt=generation)
 
     def trained_spans(self, conv: Conversation) -> tuple[str, list[tuple[int, int]]]:
         """The full text and the character spans that are learnt."""
-        msgs = to_hf_messages(conv)
+        msgs = self.hf_messages(conv)
         text = self._render(conv, msgs, False)
         spans = []
+        offset = len(msgs) - len(conv.messages)  # 1 when a tools system message was put in front
         for i, m in enumerate(conv.messages):
             if not m.trained:
                 continue
-            before = self._render(conv, msgs[:i], True) if i else ""
-            upto = self._render(conv, msgs[: i + 1], False)
+            j = i + offset
+            before = self._render(conv, msgs[:j], True) if j else ""
+            upto = self._render(conv, msgs[: j + 1], False)
             if not (upto.startswith(before) and text.startswith(upto)):
                 raise ConfigError(
                     f"the chat template of {self.tok.name_or_path} renders a conversation differently from its "
@@ -113,7 +185,7 @@ class HFChatTemplate:
         """The conversation rendered with the generation prompt, tokenised as in training."""
         if not isinstance(sample, Conversation):
             return self.raw.encode_prompt(sample)
-        text = self._render(sample, to_hf_messages(sample), True)
+        text = self._render(sample, self.hf_messages(sample), True)
         return self.tok(text, add_special_tokens=False)["input_ids"]
 
     def stop_token_ids(self) -> list[int]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from chattune.data.schema import Pair, Sample
-from chattune.data.templates.base import IGNORE_INDEX, TEMPLATES, Encoded, Limits, split_pair_budget
+from chattune.data.templates.base import IGNORE_INDEX, TEMPLATES, Encoded, Limits, ParsedReply, split_pair_budget
 from chattune.errors import ConfigError
 
 
@@ -49,6 +49,10 @@ class RawTemplate:
     def stop_token_ids(self) -> list[int]:
         """Just eos."""
         return [self.tok.eos_token_id]
+
+    def parse_reply(self, text: str) -> ParsedReply:
+        """Raw replies are plain text."""
+        return ParsedReply(text.strip())
 
     def _pair(self, sample: Sample) -> Pair:
         if not isinstance(sample, Pair):
