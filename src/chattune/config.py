@@ -93,6 +93,11 @@ class TrainConfig(BaseModel):
                 f"quantization_bit: {self.quantization_bit} cannot be combined with method: {self.method} "
                 "(quantized weights cannot be trained directly; use method: lora for QLoRA)"
             )
+        if self.packing and self.method == "ptuning_v2":
+            problems.append(
+                "packing cannot be combined with method: ptuning_v2 (the prefix would be shared across the "
+                "samples packed into one row); set packing: false"
+            )
         if isinstance(self.resume, str) and self.resume != "auto" and not self.resume.strip():
             problems.append("resume must be auto, false or a checkpoint path")
         if self.resume is True:

@@ -52,3 +52,31 @@ class EpochSeededLengthGroupedSampler:
 
         g = torch.Generator().manual_seed(self.seed + self.epoch)
         return iter(get_length_grouped_indices(self.lengths, self.group_size, generator=g))
+
+
+@dataclass
+class PackedCollator:
+    """Concatenates a micro-batch into one row without padding: positions restart per sample, and sample
+    boundaries travel as `cu_seq_lens` so attention never crosses them (see models.attention)."""
+
+    def __call__(self, rows: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        ids, labels, positions, bounds = [], [], [], [0]
+        for r in rows:
+            n = len(r["input_ids"])
+            ids.extend(r["input_ids"])
+            row_labels = list(r["labels"])
+            row_labels[0] = IGNORE_INDEX  # never predicted from the previous sample's last token
+            labels.extend(row_labels)
+            positions.extend(range(n))
+            bounds.append(bounds[-1] + n)
+        cu = torch.tensor(bounds, dtype=torch.int32)
+        longest = max(len(r["input_ids"]) for r in rows)
+        return {
+            "input_ids": torch.tensor([ids], dtype=torch.long),
+            "labels": torch.tensor([labels], dtype=torch.long),
+            "position_ids": torch.tensor([positions], dtype=torch.long),
+            "cu_seq_lens_q": cu,
+            "cu_seq_lens_k": cu,
+            "max_length_q": longest,
+            "max_length_k": longest,
+        }

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from threading import Thread
+from threading import Event, Thread
 from typing import Any
 
 import torch
@@ -95,8 +95,25 @@ def generate_one(engine: Engine, sample: Sample, sampling: Sampling) -> ParsedRe
     return engine.template.parse_reply(raw)
 
 
-def stream(engine: Engine, prompt_ids: list[int], sampling: Sampling) -> Iterator[str]:
-    """Yield the reply as it is generated (text pieces)."""
+def _cancel_criteria(cancel: Event) -> Any:
+    """A stopping criterion that ends generation at the next token once `cancel` is set."""
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    class Cancelled(StoppingCriteria):
+        def __call__(
+            self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs: Any
+        ) -> torch.Tensor:
+            return torch.full(
+                (input_ids.shape[0],), cancel.is_set(), dtype=torch.bool, device=input_ids.device
+            )
+
+    return StoppingCriteriaList([Cancelled()])
+
+
+def stream(
+    engine: Engine, prompt_ids: list[int], sampling: Sampling, cancel: Event | None = None
+) -> Iterator[str]:
+    """Yield the reply as it is generated (text pieces); setting `cancel` stops generation at the next token."""
     from transformers import TextIteratorStreamer
 
     if sampling.seed is not None:
@@ -105,6 +122,8 @@ def stream(engine: Engine, prompt_ids: list[int], sampling: Sampling) -> Iterato
     inputs = _left_pad([prompt_ids], engine.tokenizer.pad_token_id, device)
     streamer = TextIteratorStreamer(engine.tokenizer, skip_prompt=True, skip_special_tokens=True)
     kwargs = sampling.generate_kwargs(engine) | {"streamer": streamer}
+    if cancel is not None:
+        kwargs["stopping_criteria"] = _cancel_criteria(cancel)
 
     def run() -> None:
         with torch.no_grad():

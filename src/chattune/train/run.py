@@ -119,7 +119,7 @@ def run_training(cfg: TrainConfig, console: Console | None = None) -> Path:
     """Train as the config says; returns the final/ directory."""
     import torch
 
-    from chattune.data.batching import PadCollator
+    from chattune.data.batching import PackedCollator, PadCollator
     from chattune.data.check import print_sanity, print_stats
     from chattune.data.prepare import encode_split, template_for
     from chattune.models.load import available_cores, load_model, load_tokenizer, pick_precision
@@ -162,6 +162,10 @@ def run_training(cfg: TrainConfig, console: Console | None = None) -> Path:
         trust_remote_code=cfg.trust_remote_code,
         train_full_weights=cfg.method in ("full", "freeze"),
     )
+    if cfg.packing:
+        from chattune.models.attention import register_packed_attention
+
+        model.set_attn_implementation(register_packed_attention())
     model = apply_method(model, cfg)
     console.print(describe_trainable(model), highlight=False)
     console.print(f"precision: {precision}   threads: {torch.get_num_threads()}   template: {template.name}")
@@ -184,7 +188,7 @@ def run_training(cfg: TrainConfig, console: Console | None = None) -> Path:
         args=training_arguments(cfg, precision),
         train_dataset=train_set,
         eval_dataset=eval_set,
-        data_collator=PadCollator(tokenizer.pad_token_id),
+        data_collator=PackedCollator() if cfg.packing else PadCollator(tokenizer.pad_token_id),
         processing_class=tokenizer,
         counter=counter,
         run_info=run_info,

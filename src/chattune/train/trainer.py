@@ -75,7 +75,8 @@ class ChattuneTrainer(Trainer):
     # ------------------------------------------------------------------ counting
     def training_step(self, model: Any, inputs: dict[str, Any], num_items_in_batch: Any = None) -> Any:
         """One micro-batch; counts its non-pad and trained tokens for the speed readout."""
-        self.counter.tokens += int(inputs["attention_mask"].sum())
+        mask = inputs.get("attention_mask")  # packed rows have no padding, hence no mask
+        self.counter.tokens += int(mask.sum()) if mask is not None else inputs["input_ids"].numel()
         self.counter.trained += int((inputs["labels"] != IGNORE_INDEX).sum())
         return super().training_step(model, inputs, num_items_in_batch)
 

@@ -7,7 +7,14 @@ import json
 from typing import Any
 
 from chattune.data.schema import TOOLS_SYSTEM_PREFIX, Conversation, Message, Pair, Sample, ToolCall
-from chattune.data.templates.base import IGNORE_INDEX, TEMPLATES, Encoded, Limits, ParsedReply, split_pair_budget
+from chattune.data.templates.base import (
+    IGNORE_INDEX,
+    TEMPLATES,
+    Encoded,
+    Limits,
+    ParsedReply,
+    split_pair_budget,
+)
 
 
 def format_tool_call(name: str, arguments: dict[str, Any]) -> str:

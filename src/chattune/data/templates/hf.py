@@ -13,7 +13,6 @@ from chattune.data.templates.chatglm3 import tools_system_prompt
 from chattune.data.templates.raw import RawTemplate
 from chattune.errors import ConfigError
 
-
 TOOL_CALL_OPEN, TOOL_CALL_CLOSE = "<tool_call>", "</tool_call>"
 _TOOL_CALL_RE = re.compile(re.escape(TOOL_CALL_OPEN) + r"\s*(.*?)\s*" + re.escape(TOOL_CALL_CLOSE), re.DOTALL)
 
@@ -24,7 +23,9 @@ def format_tool_call_text(call: ToolCall) -> str:
     return f"{TOOL_CALL_OPEN}\n{body}\n{TOOL_CALL_CLOSE}"
 
 
-def to_hf_messages(conv: Conversation, native_tools: bool = True, native_calls: bool = True) -> list[dict[str, Any]]:
+def to_hf_messages(
+    conv: Conversation, native_tools: bool = True, native_calls: bool = True
+) -> list[dict[str, Any]]:
     """Canonical messages in the shape `apply_chat_template` expects (OpenAI-style tool calls and results).
 
     Where the template ignores tool definitions or tool calls, they go into the text instead (definitions as
@@ -33,13 +34,18 @@ def to_hf_messages(conv: Conversation, native_tools: bool = True, native_calls: 
     out: list[dict[str, Any]] = []
     for m in conv.messages:
         if m.tool_call is not None and native_calls:
-            call = {"type": "function", "function": {"name": m.tool_call.name, "arguments": m.tool_call.arguments}}
+            call = {
+                "type": "function",
+                "function": {"name": m.tool_call.name, "arguments": m.tool_call.arguments},
+            }
             out.append({"role": "assistant", "content": m.content, "tool_calls": [call]})
         elif m.tool_call is not None:
             text = "\n".join(x for x in (m.content, format_tool_call_text(m.tool_call)) if x)
             out.append({"role": "assistant", "content": text})
         elif m.role == "observation":
-            out.append({"role": "tool", "content": m.content, **({"name": m.tool_name} if m.tool_name else {})})
+            out.append(
+                {"role": "tool", "content": m.content, **({"name": m.tool_name} if m.tool_name else {})}
+            )
         else:
             out.append({"role": m.role, "content": m.content})
     if conv.tools and not native_tools:
@@ -122,7 +128,9 @@ class HFChatTemplate:
 
     def _render(self, conv: Conversation, messages: list[dict[str, Any]], generation: bool) -> str:
         tools = conv.tools if self.native_tools else None
-        return self.tok.apply_chat_template(messages, tools=tools, tokenize=False, add_generation_prompt=generation)
+        return self.tok.apply_chat_template(
+            messages, tools=tools, tokenize=False, add_generation_prompt=generation
+        )
 
     def trained_spans(self, conv: Conversation) -> tuple[str, list[tuple[int, int]]]:
         """The full text and the character spans that are learnt."""

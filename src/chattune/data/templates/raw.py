@@ -5,7 +5,14 @@ from __future__ import annotations
 from typing import Any
 
 from chattune.data.schema import Pair, Sample
-from chattune.data.templates.base import IGNORE_INDEX, TEMPLATES, Encoded, Limits, ParsedReply, split_pair_budget
+from chattune.data.templates.base import (
+    IGNORE_INDEX,
+    TEMPLATES,
+    Encoded,
+    Limits,
+    ParsedReply,
+    split_pair_budget,
+)
 from chattune.errors import ConfigError
 
 
