@@ -7,6 +7,7 @@ take them). On CPU, running SDPA per segment with `is_causal=True` measured fast
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
 import torch
@@ -35,7 +36,7 @@ def packed_sdpa_forward(
     p = dropout if module.training else 0.0
     out = torch.empty_like(query)
     edges = bounds.tolist()
-    for start, end in zip(edges[:-1], edges[1:], strict=True):
+    for start, end in itertools.pairwise(edges):
         out[:, :, start:end] = F.scaled_dot_product_attention(
             query[:, :, start:end],
             key[:, :, start:end],
