@@ -95,6 +95,71 @@ def infer(
     )
 
 
+@app.command("eval")
+def evaluate(
+    config: Annotated[
+        Path | None, typer.Argument(help="a run's YAML config (evaluates output_dir/final)")
+    ] = None,
+    overrides: Overrides = None,
+    model: ModelOpt = None,
+    adapter: AdapterOpt = None,
+    data: Annotated[Path | None, typer.Option("--data", help="data file with reference answers")] = None,
+    output_dir: Annotated[Path | None, typer.Option("-o", "--output-dir")] = None,
+    metrics: Annotated[str, typer.Option(help="auto, or a comma list of text, extraction, tool")] = "auto",
+    record_keys: Annotated[
+        str | None, typer.Option("--record-keys", help="compare records on these keys")
+    ] = None,
+    compare_base: Annotated[bool, typer.Option(help="also score the base model; print before/after")] = False,
+    limit: Annotated[int | None, typer.Option(min=1)] = None,
+    turns: Annotated[str, typer.Option(help="all: every assistant turn; last: the final one")] = "all",
+    mode: str = "generate",
+    batch_size: Annotated[int, typer.Option(min=1)] = 8,
+    max_new_tokens: Annotated[int | None, typer.Option("--max-new-tokens", min=1)] = None,
+) -> None:
+    """Score a tuned model on data with reference answers (ROUGE/BLEU, extraction F1, tool-call accuracy)."""
+    from chattune.errors import ConfigError
+    from chattune.evaluate.run import eval_from_config, run_eval
+    from chattune.infer.generate import Sampling
+
+    keys = [k.strip() for k in record_keys.split(",")] if record_keys else None
+    if config is not None:
+        from chattune.config import load_config
+
+        cfg = load_config(config, overrides or [])
+        eval_from_config(
+            cfg,
+            adapter=adapter,
+            data_file=data,
+            output_dir=output_dir,
+            batch_size=batch_size,
+            sampling=Sampling(max_new_tokens=max_new_tokens or cfg.max_target_len),
+            metrics=metrics,
+            compare_base=compare_base,
+            limit=limit,
+            turns=turns,
+            record_keys=keys,
+            console=err,
+        )
+        return
+    if data is None or output_dir is None:
+        raise ConfigError("give a config file, or --data FILE and -o DIR (with --model and/or --adapter)")
+    run_eval(
+        model=model,
+        adapter=adapter,
+        data_file=data,
+        output_dir=output_dir,
+        mode=mode,
+        batch_size=batch_size,
+        sampling=Sampling(max_new_tokens=max_new_tokens or 256),
+        metrics=metrics,
+        compare_base=compare_base,
+        limit=limit,
+        console=err,
+        turns=turns,
+        record_keys=keys,
+    )
+
+
 @data_app.command("check")
 def data_check(
     config: ConfigArg,

@@ -274,8 +274,11 @@ def metric_names(metrics: str | Sequence[str]) -> list[str] | None:
 
 
 def choose_families(rows: Sequence[Row], metrics: str | Sequence[str] = "auto") -> dict[str, list[Row]]:
-    """Which family scores which rows: tool-call references → tool; the rest → extraction when ≥ 80% of
-    their references are JSON objects/arrays, text otherwise (auto); named families score the rows they fit."""
+    """Which family scores which rows (named families score every row they fit).
+
+    auto: tool-call references → tool; the rest → extraction when ≥ 80% of their references are JSON
+    objects/arrays, text otherwise.
+    """
     tool_rows = [r for r in rows if is_tool_row(r)]
     other = [r for r in rows if not is_tool_row(r) and r.get("reference") is not None]
     names = metric_names(metrics)

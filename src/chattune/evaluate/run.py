@@ -53,8 +53,10 @@ def _calls_json(calls: Sequence[ToolCall]) -> list[dict[str, Any]]:
 def eval_items(
     sample: Sample, mode: str = "generate", system: str | None = None, turns: str = "all"
 ) -> list[EvalItem]:
-    """The prompts a sample is scored on: with turns=all every trained assistant turn of a conversation (the
-    conversation so far → that reply, as the ChatGLM3 demo evaluates), with turns=last only the final one."""
+    """The prompts a sample is scored on: every trained assistant turn (turns=all), or the final one (last).
+
+    Each prompt is the conversation so far and its reference the next reply, as the ChatGLM3 demo evaluates.
+    """
     if turns not in ("all", "last"):
         raise ConfigError(f"turns must be all or last, not {turns!r}")
     if isinstance(sample, Pair):
