@@ -82,6 +82,17 @@ class TrainConfig(BaseModel):
     save_steps: int = Field(500, gt=0)
     eval_steps: int | None = Field(None, gt=0, description="defaults to save_steps when eval_file is set")
     save_total_limit: int | None = Field(3, gt=0)
+    eval_generate_samples: int = Field(
+        50,
+        ge=0,
+        description="at each eval, generate for up to this many eval samples and score them (0: off)",
+    )
+    metrics: str | list[str] = Field(
+        "auto", description="eval metric families: auto, or text/extraction/tool"
+    )
+    best_metric: str = Field(
+        "loss", description="what best/ follows: loss (lowest), or e.g. rouge-l, f1 (highest)"
+    )
     report_to: Literal["none", "tensorboard", "wandb"] = "none"
     deepspeed: str | None = Field(None, description="zero2 | zero3 | path to a DeepSpeed JSON")
 

@@ -115,6 +115,31 @@ def training_arguments(cfg: TrainConfig, precision: str) -> Any:
     )
 
 
+def generation_metrics_fn(cfg: TrainConfig, tokenizer: Any, template: Any) -> Any:
+    """A function scoring generated replies on the first eval samples, or None when not asked for."""
+    if cfg.eval_generate_samples == 0 or cfg.eval_file is None:
+        if cfg.best_metric != "loss":
+            raise ConfigError(f"best_metric: {cfg.best_metric} needs eval_file and eval_generate_samples > 0")
+        return None
+    from itertools import islice
+
+    from chattune.data.formats import read_samples
+    from chattune.evaluate.run import compute_generation_metrics
+    from chattune.infer.engine import Engine
+    from chattune.infer.generate import Sampling
+
+    samples = [s for _, s in islice(read_samples(cfg.eval_file, cfg.format), cfg.eval_generate_samples)]
+    sampling = Sampling(max_new_tokens=cfg.max_target_len)
+
+    def score(model: Any) -> dict[str, float]:
+        engine = Engine(model, tokenizer, template, "training", has_adapter=True)
+        return compute_generation_metrics(
+            engine, samples, metrics=cfg.metrics, sampling=sampling, limit=cfg.eval_generate_samples
+        )
+
+    return score
+
+
 def run_training(cfg: TrainConfig, console: Console | None = None) -> Path:
     """Train as the config says; returns the final/ directory."""
     import torch
@@ -125,7 +150,7 @@ def run_training(cfg: TrainConfig, console: Console | None = None) -> Path:
     from chattune.models.load import available_cores, load_model, load_tokenizer, pick_precision
     from chattune.models.methods import apply_method, describe_trainable
     from chattune.train.callbacks import RunLogCallback, TokenCounter
-    from chattune.train.trainer import ChattuneTrainer
+    from chattune.train.trainer import BestTracker, ChattuneTrainer
 
     console = console or Console(stderr=True, soft_wrap=True)
     cfg.require("train_file")
@@ -193,15 +218,17 @@ def run_training(cfg: TrainConfig, console: Console | None = None) -> Path:
         counter=counter,
         run_info=run_info,
         console=console,
+        best=BestTracker(cfg.best_metric),
+        generation_metrics=generation_metrics_fn(cfg, tokenizer, template) if cfg.eval_file else None,
         callbacks=[RunLogCallback(out, counter, console, title=out.name)],
     )
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
     trainer.remove_callback(ProgressCallback)
     trainer.remove_callback(PrinterCallback)
-    best = out / "best" / "chattune.json"
-    if resume_from and best.is_file():
-        trainer.best_eval_loss = json.loads(best.read_text()).get("eval_loss")
+    best_file = out / "best" / "chattune.json"
+    if resume_from and best_file.is_file():
+        trainer.best.value = json.loads(best_file.read_text()).get(f"eval_{cfg.best_metric}")
     if resume_from:
         console.print(f"Resuming from {resume_from}")
         trim_log(out / "trainer_log.jsonl", int(Path(resume_from).name.rsplit("-", 1)[-1]))

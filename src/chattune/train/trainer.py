@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,26 @@ from chattune.train.callbacks import TokenCounter
 from chattune.train.loss import split_backbone_and_head, trained_positions_loss
 
 STAGING = ".staging"
+
+
+@dataclass
+class BestTracker:
+    """The metric best/ follows: lowest eval loss, or the highest generation metric (e.g. rouge-l)."""
+
+    metric: str = "loss"
+    value: float | None = None
+
+    def improves(self, value: float) -> bool:
+        """Whether `value` beats the best so far."""
+        if self.value is None:
+            return True
+        return value < self.value if self.metric == "loss" else value > self.value
+
+    def announce(self, value: float) -> str:
+        """The line the ChatGLM tutorials print when the best model changes."""
+        if self.metric == "loss":
+            return f"Min eval loss has been updated: {self.value:.5f} --> {value:.5f}"
+        return f"Best eval {self.metric} has been updated: {self.value:.5f} --> {value:.5f}"
 
 
 def replace_dir(src: Path, dst: Path) -> None:
@@ -39,12 +60,19 @@ class ChattuneTrainer(Trainer):
     """
 
     def __init__(
-        self, *args: Any, counter: TokenCounter, run_info: dict[str, Any], console: Any, **kwargs: Any
+        self,
+        *args: Any,
+        counter: TokenCounter,
+        run_info: dict[str, Any],
+        console: Any,
+        best: BestTracker,
+        generation_metrics: Callable[[Any], dict[str, float]] | None = None,
+        **kwargs: Any,
     ):
         super().__init__(*args, **kwargs)
         self.counter, self.run_info, self.console = counter, run_info, console
+        self.best, self.generation_metrics = best, generation_metrics
         self._staging: str | None = None
-        self.best_eval_loss: float | None = None
         self.split = split_backbone_and_head(self.model)
         if self.split is not None:
             self.loss_is_scaled_for_ga = True  # we divide by the step's trained-token count ourselves
@@ -106,19 +134,24 @@ class ChattuneTrainer(Trainer):
 
     # ------------------------------------------------------------------ best model
     def evaluate(self, *args: Any, **kwargs: Any) -> dict[str, float]:
-        """Eval as usual; when the eval loss is the lowest so far, save the model to best/."""
+        """Eval loss (plus generation metrics when configured); keep best/ at the best value of `best_metric`."""
         metrics = super().evaluate(*args, **kwargs)
-        loss = metrics.get("eval_loss")
-        if loss is not None and (self.best_eval_loss is None or loss < self.best_eval_loss):
-            if self.best_eval_loss is not None and self.args.should_save:
-                self.console.print(
-                    f"Min eval loss has been updated: {self.best_eval_loss:.5f} --> {loss:.5f}",
-                    highlight=False,
-                )
-            self.best_eval_loss = loss
-            self.save_result(
-                Path(self.args.output_dir) / "best", {"eval_loss": loss, "step": self.state.global_step}
-            )
+        if self.generation_metrics is not None and self.args.world_size == 1:
+            generated = {f"eval_{k}": v for k, v in self.generation_metrics(self.model).items()}
+            if generated:
+                self.log(generated)
+                metrics |= generated
+        value = metrics.get(f"eval_{self.best.metric}")
+        if value is not None and self.best.improves(value):
+            if self.best.value is not None and self.args.should_save:
+                self.console.print(self.best.announce(value), highlight=False)
+            self.best.value = value
+            info = {
+                f"eval_{self.best.metric}": value,
+                "best_metric": self.best.metric,
+                "step": self.state.global_step,
+            }
+            self.save_result(Path(self.args.output_dir) / "best", info)
         return metrics
 
     def save_result(self, target: Path, extra: dict[str, Any] | None = None) -> None:
