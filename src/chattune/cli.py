@@ -122,41 +122,28 @@ def evaluate(
     from chattune.infer.generate import Sampling
 
     keys = [k.strip() for k in record_keys.split(",")] if record_keys else None
+    common = dict(batch_size=batch_size, metrics=metrics, compare_base=compare_base, limit=limit, turns=turns,
+                  record_keys=keys, console=err)  # fmt: skip
     if config is not None:
         from chattune.config import load_config
 
         cfg = load_config(config, overrides or [])
+        sampling = Sampling(max_new_tokens=max_new_tokens or cfg.max_target_len)
         eval_from_config(
-            cfg,
-            adapter=adapter,
-            data_file=data,
-            output_dir=output_dir,
-            batch_size=batch_size,
-            sampling=Sampling(max_new_tokens=max_new_tokens or cfg.max_target_len),
-            metrics=metrics,
-            compare_base=compare_base,
-            limit=limit,
-            turns=turns,
-            record_keys=keys,
-            console=err,
+            cfg, adapter=adapter, data_file=data, output_dir=output_dir, sampling=sampling, **common
         )
         return
     if data is None or output_dir is None:
         raise ConfigError("give a config file, or --data FILE and -o DIR (with --model and/or --adapter)")
+    sampling = Sampling(max_new_tokens=max_new_tokens or 256)
     run_eval(
         model=model,
         adapter=adapter,
         data_file=data,
         output_dir=output_dir,
         mode=mode,
-        batch_size=batch_size,
-        sampling=Sampling(max_new_tokens=max_new_tokens or 256),
-        metrics=metrics,
-        compare_base=compare_base,
-        limit=limit,
-        console=err,
-        turns=turns,
-        record_keys=keys,
+        sampling=sampling,
+        **common,
     )
 
 
