@@ -31,7 +31,10 @@ def prepare_output_dir(cfg: TrainConfig) -> str | None:
         if isinstance(cfg.resume, str) and cfg.resume != "auto":
             return cfg.resume
         return get_last_checkpoint(str(out)) if cfg.resume == "auto" and out.is_dir() else None
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"output_dir {out} cannot be created: {e.strerror or e}") from None
     shutil.rmtree(out / ".staging", ignore_errors=True)  # a checkpoint that never finished writing
     if cfg.overwrite_output_dir:
         for child in out.iterdir():
@@ -110,6 +113,7 @@ def training_arguments(cfg: TrainConfig, precision: str) -> Any:
         remove_unused_columns=False,
         train_sampling_strategy="group_by_length" if cfg.group_by_length else "random",
         prediction_loss_only=True,
+        logging_nan_inf_filter=False,  # a NaN must reach the log, where StopRequest ends the run
         dataloader_num_workers=0,
         save_only_model=False,
     )
@@ -150,6 +154,13 @@ def run_training(cfg: TrainConfig, console: Console | None = None) -> Path:
     from chattune.models.load import available_cores, load_model, load_tokenizer, pick_precision
     from chattune.models.methods import apply_method, describe_trainable
     from chattune.train.callbacks import RunLogCallback, TokenCounter
+    from chattune.train.guards import (
+        StopRequest,
+        check_output_dir_writable,
+        checkpoint_bytes,
+        interrupt_saves,
+        raise_if_stopped,
+    )
     from chattune.train.trainer import BestTracker, ChattuneTrainer
 
     console = console or Console(stderr=True, soft_wrap=True)
@@ -193,6 +204,8 @@ def run_training(cfg: TrainConfig, console: Console | None = None) -> Path:
         model.set_attn_implementation(register_packed_attention())
     model = apply_method(model, cfg)
     console.print(describe_trainable(model), highlight=False)
+    if int(os.environ.get("RANK", "0")) == 0:
+        check_output_dir_writable(out, checkpoint_bytes(model, cfg.save_total_limit))
     console.print(f"precision: {precision}   threads: {torch.get_num_threads()}   template: {template.name}")
 
     if int(os.environ.get("RANK", "0")) == 0:
@@ -232,7 +245,11 @@ def run_training(cfg: TrainConfig, console: Console | None = None) -> Path:
     if resume_from:
         console.print(f"Resuming from {resume_from}")
         trim_log(out / "trainer_log.jsonl", int(Path(resume_from).name.rsplit("-", 1)[-1]))
-    trainer.train(resume_from_checkpoint=resume_from)
+    stop = StopRequest()
+    trainer.add_callback(stop)
+    with interrupt_saves(stop, console):
+        trainer.train(resume_from_checkpoint=resume_from)
+    raise_if_stopped(stop, out)
     final = out / "final"
     trainer.save_result(final)
     console.print(f"[bold green]Done.[/] The result is in {final}")

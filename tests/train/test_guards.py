@@ -1,0 +1,78 @@
+"""Run guards: a diverging loss stops with the step named, Ctrl-C saves a checkpoint, unwritable dirs fail early."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from chattune.config import build_config
+from chattune.errors import ChattuneError, ConfigError
+from chattune.train.run import run_training
+
+
+@pytest.fixture()
+def data(tmp_path):
+    path = tmp_path / "d.jsonl"
+    rows = [{"conversations": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}]}
+            for i in range(16)]  # fmt: skip
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_nan_loss_stops_with_step(tiny_model_dir, data, tmp_path):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    broken = tmp_path / "broken-model"  # a base with a corrupted (NaN) weight: every loss is NaN
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    with torch.no_grad():
+        model.model.norm.weight[0] = float("nan")
+    model.save_pretrained(broken)
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(broken)
+    cfg = build_config(dict(model=str(broken), train_file=str(data), output_dir=str(tmp_path / "o"),
+                            max_steps=30, logging_steps=1, batch_size=4, grad_accum=1))  # fmt: skip
+    with pytest.raises(ChattuneError, match=r"the loss became nan at step 1; no checkpoint"):
+        run_training(cfg)
+    assert not (tmp_path / "o" / "final").exists()
+
+
+def test_unwritable_output_dir_fails_before_training(tiny_model_dir, data, tmp_path):
+    if os.geteuid() == 0:
+        target = "/proc/chattune-cannot-write-here"  # root can write anywhere else
+    else:
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o500)
+        target = str(locked / "run")
+    with pytest.raises(ConfigError, match="output_dir"):
+        run_training(build_config(dict(model=str(tiny_model_dir), train_file=str(data), output_dir=target)))
+
+
+def test_ctrl_c_saves_a_checkpoint_then_resume_finishes(tiny_model_dir, data, tmp_path):
+    out = tmp_path / "run"
+    (tmp_path / "c.yaml").write_text(
+        f"model: {tiny_model_dir}\ntrain_file: {data}\noutput_dir: {out}\nmax_steps: 400\nlogging_steps: 1\n"
+        "save_steps: 1000\nbatch_size: 2\ngrad_accum: 1\n"
+    )
+    env = os.environ | {"CHATTUNE_HOME": str(tmp_path / "home")}
+    proc = subprocess.Popen([sys.executable, "-m", "chattune", "train", "c.yaml"], cwd=tmp_path, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    log = out / "trainer_log.jsonl"
+    deadline = time.time() + 120
+    while not (log.is_file() and log.read_text().count("\n") >= 3):
+        assert time.time() < deadline and proc.poll() is None, proc.communicate()
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    assert "Traceback" not in stderr and "training interrupted" in stderr and "checkpoint-" in stderr
+    assert any(p.name.startswith("checkpoint-") for p in out.iterdir())
+    done = subprocess.run([sys.executable, "-m", "chattune", "train", "c.yaml", "max_steps=20"], cwd=tmp_path,
+                          env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "Resuming from" in done.stderr and (out / "final").is_dir()
