@@ -13,7 +13,11 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[dev,serve,eval]'
+	$(PY) -m pip install -q -e '.[dev,serve,eval,web]'
+	@# the web app's browser test drives Debian's Chromium; without it (no root, no apt) that one test skips
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+		(apt-get update -qq && apt-get install -y -qq chromium chromium-driver >/dev/null) || \
+		echo "chromium could not be installed: the browser test will be skipped"
 	touch $(STAMP)
 
 test: setup

@@ -147,6 +147,20 @@ def evaluate(
     )
 
 
+@app.command()
+def web(
+    workspace: Annotated[
+        Path, typer.Option("--workspace", help="folder with runs/, data/, labels.sqlite")
+    ] = Path("workspace"),
+    port: Annotated[int, typer.Option("--port")] = 8501,
+    host: Annotated[str, typer.Option("--host")] = "127.0.0.1",
+) -> None:
+    """Start the web app: labeling, training monitor, playground."""
+    from chattune.web.launch import run_web
+
+    run_web(workspace, host=host, port=port)
+
+
 @data_app.command("check")
 def data_check(
     config: ConfigArg,

@@ -1,0 +1,529 @@
+"""The label store: one SQLite file (WAL, versioned schema) that several processes may write at once."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import random
+import sqlite3
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from chattune.data.formats import FORMATS, Where, detect_format, sample_to_record
+from chattune.data.readers import iter_records
+from chattune.data.schema import SourceRecord
+from chattune.errors import DataFormatError
+
+KINDS = ("instruction", "conversation")
+STATUSES = ("pending", "draft", "accepted", "rejected")
+EXPORT_FORMATS = ("conversations", "prompt_response", "context_target")
+SCHEMA_VERSION = 1
+
+BUSY_TIMEOUT_S = 5.0  # SQLite's own wait for a lock, before our retry loop takes over
+RETRIES = 12  # with backoff capped at 1 s this outlasts any realistic burst of writers
+
+T = TypeVar("T")
+
+
+class LabelStoreError(Exception):
+    """A label-store operation that cannot be done (unknown id, bad status, bad format)."""
+
+
+@dataclass
+class Record:
+    """One label record as the store holds it."""
+
+    id: int
+    kind: str
+    instruction: str
+    input: str
+    output: str
+    messages: list[dict[str, Any]]
+    status: str
+    author: str
+    created_at: float
+    updated_at: float
+    deleted: bool = False
+    source: str = ""
+
+    def prompt_text(self) -> str:
+        """The user's request as one string (instruction, then input on its own line)."""
+        return f"{self.instruction}\n{self.input}" if self.input else self.instruction
+
+    def to_conversation(self) -> list[dict[str, Any]]:
+        """The record as a `conversations` message list."""
+        if self.kind == "conversation":
+            return self.messages
+        return [
+            {"role": "user", "content": self.prompt_text()},
+            {"role": "assistant", "content": self.output},
+        ]
+
+
+@dataclass
+class ImportPreview:
+    """What importing a file would do: the parsed rows, duplicates and unreadable records."""
+
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    duplicates: int = 0
+    errors: list[str] = field(default_factory=list)
+    total: int = 0
+
+
+@dataclass
+class ImportReport:
+    """What importing a file did."""
+
+    added: int = 0
+    duplicates: int = 0
+    errors: list[str] = field(default_factory=list)
+    ids: list[int] = field(default_factory=list)
+
+
+@dataclass
+class ExportReport:
+    """What exporting did: records written and those that the format cannot hold (with reasons)."""
+
+    written: int = 0
+    skipped: int = 0
+    reasons: list[str] = field(default_factory=list)
+    path: str = ""
+
+
+# ---------------------------------------------------------------- schema and migrations
+
+
+def _migrate_0_to_1(db: sqlite3.Connection) -> None:
+    db.execute(
+        """CREATE TABLE records (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            kind TEXT NOT NULL CHECK (kind IN ('instruction', 'conversation')),
+            instruction TEXT NOT NULL DEFAULT '',
+            input TEXT NOT NULL DEFAULT '',
+            output TEXT NOT NULL DEFAULT '',
+            messages TEXT NOT NULL DEFAULT '[]',
+            status TEXT NOT NULL CHECK (status IN ('pending', 'draft', 'accepted', 'rejected')),
+            author TEXT NOT NULL DEFAULT '',
+            created_at REAL NOT NULL,
+            updated_at REAL NOT NULL,
+            deleted_at REAL,
+            fingerprint TEXT NOT NULL,
+            source TEXT NOT NULL DEFAULT ''
+        )"""
+    )
+    db.execute("CREATE INDEX records_status ON records (status, deleted_at)")
+    db.execute("CREATE INDEX records_fingerprint ON records (fingerprint)")
+
+
+# index i migrates schema version i to i + 1; append, never edit, so old files upgrade step by step
+MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_migrate_0_to_1]
+
+
+def migrate(db: sqlite3.Connection) -> int:
+    """Bring the schema up to SCHEMA_VERSION inside the caller's transaction; returns the version found."""
+    found = db.execute("PRAGMA user_version").fetchone()[0]
+    if found > SCHEMA_VERSION:
+        raise LabelStoreError(
+            f"the label database has schema version {found}, newer than this chattune ({SCHEMA_VERSION}); "
+            "upgrade chattune"
+        )
+    for version in range(found, SCHEMA_VERSION):
+        MIGRATIONS[version](db)
+    if found != SCHEMA_VERSION:
+        db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+    return found
+
+
+def _is_busy(error: sqlite3.OperationalError) -> bool:
+    text = str(error).lower()
+    return "locked" in text or "busy" in text
+
+
+def fingerprint(kind: str, instruction: str, input: str, output: str, messages: list[Any]) -> str:
+    """A content hash that identifies duplicates whatever their status or author."""
+    body = json.dumps([kind, instruction, input, output, messages], ensure_ascii=False, sort_keys=True)
+    return hashlib.sha256(body.encode("utf-8")).hexdigest()
+
+
+# ---------------------------------------------------------------- turning files into label rows
+
+
+def record_to_row(value: Any, where: Where) -> dict[str, Any]:
+    """A JSON/CSV record (alpaca, prompt/response, context/target or any chat format) as label fields."""
+    if not isinstance(value, dict):
+        raise where.error(f"expected a JSON object, got {type(value).__name__}")
+    status = value.get("status") if value.get("status") in STATUSES else "pending"
+    author = str(value.get("author") or "")
+    pairs = [("instruction", "input", "output"), ("prompt", None, "response"), ("context", None, "target")]
+    for ask, extra, answer in pairs:
+        if ask in value and not value.get("history") and not value.get("system"):
+            row = {
+                "kind": "instruction",
+                "instruction": str(value.get(ask) or ""),
+                "input": str(value.get(extra) or "") if extra else "",
+                "output": str(value.get(answer) or ""),
+            }
+            if not row["instruction"].strip():
+                raise where.error("empty", ask)
+            return row | {"status": status, "author": author}
+    # any chat format: normalise through the training reader, so what we store is what training reads
+    fmt = detect_format(value, where)
+    sample = FORMATS.get(fmt)(value, Where(where.record, require_target=False))
+    rec = sample_to_record(sample)
+    if "conversations" not in rec:
+        rec = {"conversations": [{"role": "user", "content": rec["prompt"]}]}
+    return {"kind": "conversation", "messages": rec["conversations"], "status": status, "author": author}
+
+
+def _iter_file(path: Path) -> Iterator[SourceRecord | DataFormatError]:
+    if path.suffix.lower() == ".csv":
+        with path.open(encoding="utf-8-sig", newline="") as fh:
+            for i, row in enumerate(csv.DictReader(fh), start=2):  # line 1 is the header
+                yield SourceRecord(str(path), i, {k: v for k, v in row.items() if k and v not in (None, "")})
+    else:
+        yield from iter_records(path)
+
+
+def read_rows(path: str | Path) -> tuple[list[dict[str, Any]], list[str], int]:
+    """Parse a JSON/JSONL/CSV file into label rows; returns (rows, error messages, records read)."""
+    path = Path(path)
+    if path.suffix.lower() not in (".json", ".jsonl", ".csv"):
+        raise LabelStoreError(f"{path.name}: import reads .json, .jsonl or .csv files")
+    rows, errors, total = [], [], 0
+    for item in _iter_file(path):
+        total += 1
+        try:
+            if isinstance(item, DataFormatError):
+                raise item
+            rows.append(record_to_row(item.value, Where(item, require_target=False)))
+        except DataFormatError as e:
+            errors.append(e.describe())
+    return rows, errors, total
+
+
+# ---------------------------------------------------------------- the store
+
+
+class LabelStore:
+    """Label records in one SQLite file; each method is one transaction, retried when another writer holds it."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        db = self._retry(self._connect)
+        try:
+            # WAL lets readers go on while one process writes; the mode persists in the file
+            self._retry(lambda: db.execute("PRAGMA journal_mode = WAL"))
+        finally:
+            db.close()
+        self._write(migrate)
+
+    # -- connections and transactions
+
+    def _connect(self) -> sqlite3.Connection:
+        # isolation_level=None: we issue BEGIN ourselves, so every write is exactly one explicit transaction
+        db = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None)
+        db.row_factory = sqlite3.Row
+        db.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
+        return db
+
+    def _retry(self, fn: Callable[[], T]) -> T:
+        """Run fn, retrying with jittered exponential backoff while the database is locked."""
+        delay = 0.02
+        for attempt in range(RETRIES):
+            try:
+                return fn()
+            except sqlite3.OperationalError as e:
+                if not _is_busy(e) or attempt == RETRIES - 1:
+                    raise
+                time.sleep(delay * (1 + random.random()))
+                delay = min(delay * 2, 1.0)
+        raise AssertionError("unreachable")
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction (BEGIN IMMEDIATE takes the write lock up front, so it cannot deadlock later)."""
+        db = self._retry(self._connect)
+        try:
+            self._retry(lambda: db.execute("BEGIN IMMEDIATE"))
+            try:
+                yield db
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            self._retry(lambda: db.execute("COMMIT"))
+        finally:
+            db.close()
+
+    def _write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Run fn in its own transaction, retrying the whole transaction if the lock cannot be had."""
+
+        def attempt() -> T:
+            with self.transaction() as db:
+                return fn(db)
+
+        return self._retry(attempt)
+
+    def _read(self, sql: str, params: tuple[Any, ...] = ()) -> list[sqlite3.Row]:
+        def attempt() -> list[sqlite3.Row]:
+            db = self._connect()
+            try:
+                return db.execute(sql, params).fetchall()
+            finally:
+                db.close()
+
+        return self._retry(attempt)
+
+    # -- writes
+
+    @staticmethod
+    def _check(kind: str, status: str) -> None:
+        if kind not in KINDS:
+            raise LabelStoreError(f"kind must be one of {', '.join(KINDS)}, not {kind!r}")
+        if status not in STATUSES:
+            raise LabelStoreError(f"status must be one of {', '.join(STATUSES)}, not {status!r}")
+
+    def add(
+        self,
+        instruction: str = "",
+        input: str = "",
+        output: str = "",
+        *,
+        messages: list[dict[str, Any]] | None = None,
+        kind: str | None = None,
+        status: str = "pending",
+        author: str = "",
+        source: str = "",
+    ) -> int:
+        """Add a record (instruction kind, or conversation kind when `messages` is given); returns its id."""
+        kind = kind or ("conversation" if messages else "instruction")
+        self._check(kind, status)
+        msgs = messages or []
+        fp = fingerprint(kind, instruction, input, output, msgs)
+
+        def insert(db: sqlite3.Connection) -> int:
+            now = time.time()
+            cur = db.execute(
+                "INSERT INTO records (kind, instruction, input, output, messages, status, author, created_at,"
+                " updated_at, fingerprint, source) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (kind, instruction, input, output, json.dumps(msgs, ensure_ascii=False), status, author, now,
+                 now, fp, source),
+            )  # fmt: skip
+            return int(cur.lastrowid)
+
+        return self._write(insert)
+
+    def update(
+        self,
+        id: int,
+        *,
+        instruction: str | None = None,
+        input: str | None = None,
+        output: str | None = None,
+        messages: list[dict[str, Any]] | None = None,
+        status: str | None = None,
+        author: str | None = None,
+    ) -> Record:
+        """Change the given fields of a record; returns the updated record."""
+
+        def change(db: sqlite3.Connection) -> Record:
+            old = self._get(db, id)
+            new = {
+                "instruction": old.instruction if instruction is None else instruction,
+                "input": old.input if input is None else input,
+                "output": old.output if output is None else output,
+                "messages": old.messages if messages is None else messages,
+                "status": old.status if status is None else status,
+                "author": old.author if author is None else author,
+            }
+            self._check(old.kind, new["status"])
+            fp = fingerprint(old.kind, new["instruction"], new["input"], new["output"], new["messages"])
+            db.execute(
+                "UPDATE records SET instruction=?, input=?, output=?, messages=?, status=?, author=?,"
+                " updated_at=?, fingerprint=? WHERE id=?",
+                (new["instruction"], new["input"], new["output"], json.dumps(new["messages"], ensure_ascii=False),
+                 new["status"], new["author"], time.time(), fp, id),
+            )  # fmt: skip
+            return self._get(db, id)
+
+        return self._write(change)
+
+    def set_status(self, id: int, status: str, author: str = "") -> Record:
+        """Accept, reject, draft or re-open a record, recording who did it."""
+        return self.update(id, status=status, author=author)
+
+    def delete(self, id: int) -> None:
+        """Soft-delete a record (hidden from lists and exports until `undo_delete`)."""
+
+        def hide(db: sqlite3.Connection) -> None:
+            self._get(db, id)
+            db.execute("UPDATE records SET deleted_at=? WHERE id=?", (time.time(), id))
+
+        self._write(hide)
+
+    def undo_delete(self, id: int) -> None:
+        """Bring back a soft-deleted record."""
+
+        def restore(db: sqlite3.Connection) -> None:
+            self._get(db, id, deleted=True)
+            db.execute("UPDATE records SET deleted_at=NULL WHERE id=?", (id,))
+
+        self._write(restore)
+
+    # -- reads
+
+    @staticmethod
+    def _row(row: sqlite3.Row) -> Record:
+        return Record(
+            id=row["id"],
+            kind=row["kind"],
+            instruction=row["instruction"],
+            input=row["input"],
+            output=row["output"],
+            messages=json.loads(row["messages"]),
+            status=row["status"],
+            author=row["author"],
+            created_at=row["created_at"],
+            updated_at=row["updated_at"],
+            deleted=row["deleted_at"] is not None,
+            source=row["source"],
+        )
+
+    def _get(self, db: sqlite3.Connection, id: int, deleted: bool = False) -> Record:
+        row = db.execute("SELECT * FROM records WHERE id=?", (id,)).fetchone()
+        if row is None or (row["deleted_at"] is not None) != deleted:
+            raise LabelStoreError(f"no {'deleted ' if deleted else ''}label record with id {id}")
+        return self._row(row)
+
+    def get(self, id: int) -> Record:
+        """One record by id (deleted records raise)."""
+        rows = self._read("SELECT * FROM records WHERE id=? AND deleted_at IS NULL", (id,))
+        if not rows:
+            raise LabelStoreError(f"no label record with id {id}")
+        return self._row(rows[0])
+
+    def list(
+        self, status: str | None = None, search: str | None = None, limit: int = 100, offset: int = 0
+    ) -> list[Record]:
+        """Records in id order, optionally of one status and containing `search` in any text field."""
+        where, params = ["deleted_at IS NULL"], []
+        if status:
+            where.append("status = ?")
+            params.append(status)
+        if search:
+            like = "%" + search.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+            fields = ("instruction", "input", "output", "messages", "author")
+            where.append("(" + " OR ".join(f"{f} LIKE ? ESCAPE '\\'" for f in fields) + ")")
+            params += [like] * len(fields)
+        sql = f"SELECT * FROM records WHERE {' AND '.join(where)} ORDER BY id LIMIT ? OFFSET ?"
+        return [self._row(r) for r in self._read(sql, (*params, limit, offset))]
+
+    def counts(self) -> dict[str, int]:
+        """How many live records have each status (every status present, zero included)."""
+        out = dict.fromkeys(STATUSES, 0)
+        for row in self._read(
+            "SELECT status, COUNT(*) AS n FROM records WHERE deleted_at IS NULL GROUP BY status"
+        ):
+            out[row["status"]] = row["n"]
+        return out
+
+    # -- import and export
+
+    def _known(self) -> set[str]:
+        return {r[0] for r in self._read("SELECT fingerprint FROM records WHERE deleted_at IS NULL")}
+
+    def preview_file(self, path: str | Path, limit: int = 20) -> ImportPreview:
+        """What `import_file` would add, without adding anything."""
+        rows, errors, total = read_rows(path)
+        known, dup = self._known(), 0
+        for r in rows:
+            fp = fingerprint(r["kind"], r.get("instruction", ""), r.get("input", ""), r.get("output", ""),
+                             r.get("messages", []))  # fmt: skip
+            dup += fp in known
+            known.add(fp)
+        return ImportPreview(rows[:limit], dup, errors, total)
+
+    def import_file(self, path: str | Path, author: str = "") -> ImportReport:
+        """Add every new record of a JSON/JSONL/CSV file in one transaction; duplicates are counted, not added."""
+        rows, errors, _ = read_rows(path)
+        report = ImportReport(errors=errors)
+
+        def insert_all(db: sqlite3.Connection) -> None:
+            report.added, report.duplicates, report.ids = 0, 0, []  # a retried transaction starts over
+            known = {r[0] for r in db.execute("SELECT fingerprint FROM records WHERE deleted_at IS NULL")}
+            now = time.time()
+            for r in rows:
+                msgs = r.get("messages", [])
+                fp = fingerprint(
+                    r["kind"], r.get("instruction", ""), r.get("input", ""), r.get("output", ""), msgs
+                )
+                if fp in known:
+                    report.duplicates += 1
+                    continue
+                known.add(fp)
+                cur = db.execute(
+                    "INSERT INTO records (kind, instruction, input, output, messages, status, author,"
+                    " created_at, updated_at, fingerprint, source) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (r["kind"], r.get("instruction", ""), r.get("input", ""), r.get("output", ""),
+                     json.dumps(msgs, ensure_ascii=False), r["status"], r["author"] or author, now, now, fp,
+                     Path(path).name),
+                )  # fmt: skip
+                report.ids.append(int(cur.lastrowid))
+                report.added += 1
+
+        self._write(insert_all)
+        return report
+
+    def export(self, path: str | Path, format: str = "conversations") -> ExportReport:
+        """Write accepted records as JSON lines `chattune train` reads (conversations, prompt_response, context_target)."""
+        if format not in EXPORT_FORMATS:
+            raise LabelStoreError(f"export format must be one of {', '.join(EXPORT_FORMATS)}, not {format!r}")
+        path = Path(path)
+        report = ExportReport(path=str(path))
+        lines = []
+        normalise = FORMATS.get(format)
+        for rec in self._all("accepted"):
+            value = _export_value(rec, format)
+            try:
+                if value is None:
+                    raise DataFormatError(f"a {len(rec.messages)}-message conversation has no single prompt")
+                # checked with the training reader, so the file never holds a record training would reject
+                normalise(value, Where(SourceRecord(str(path), rec.id, value)))
+            except DataFormatError as e:
+                report.skipped += 1
+                if len(report.reasons) < 5:
+                    report.reasons.append(f"record {rec.id}: {e.reason}")
+                continue
+            lines.append(json.dumps(value, ensure_ascii=False))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+        tmp.replace(path)  # atomic, so a training run never reads a half-written file
+        report.written = len(lines)
+        return report
+
+    def _all(self, status: str) -> Iterator[Record]:
+        offset = 0
+        while batch := self.list(status=status, limit=500, offset=offset):
+            yield from batch
+            offset += len(batch)
+
+
+def _export_value(rec: Record, format: str) -> dict[str, Any] | None:
+    """The record in an export format, or None when a multi-turn conversation cannot be a single pair."""
+    if format == "conversations":
+        return {"conversations": rec.to_conversation()}
+    if rec.kind == "instruction":
+        prompt, answer = rec.prompt_text(), rec.output
+    else:
+        turns = [m for m in rec.messages if m.get("role") != "system"]
+        if len(turns) != 2 or [m.get("role") for m in turns] != ["user", "assistant"]:
+            return None
+        prompt, answer = turns[0]["content"], turns[1]["content"]
+    keys = ("prompt", "response") if format == "prompt_response" else ("context", "target")
+    return {keys[0]: prompt, keys[1]: answer}

@@ -1,0 +1,1 @@
+"""The web app (`chattune web`): labeling, training monitor and playground on one workspace."""

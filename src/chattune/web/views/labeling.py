@@ -1,0 +1,218 @@
+"""Labeling page: import with preview, browse and search, edit, accept / reject / next, counts, export."""
+
+from __future__ import annotations
+
+import inspect
+import json
+from typing import Any
+
+import streamlit as st
+
+from chattune.label.store import EXPORT_FORMATS, STATUSES, LabelStore, LabelStoreError, Record
+from chattune.web.workspace import Workspace, current
+
+# Streamlit gained button shortcuts in 1.5x; older versions reject the keyword, so pass it only when known
+_HAS_SHORTCUT = "shortcut" in inspect.signature(st.button).parameters
+SHORTCUTS = {"accept": "Ctrl+Enter", "reject": "Ctrl+Shift+Enter", "next": "Ctrl+Shift+K"}
+
+
+def button(label: str, key: str, shortcut: str | None = None, **kwargs: Any) -> bool:
+    """st.button with a keyboard shortcut where the installed Streamlit supports one."""
+    if shortcut and _HAS_SHORTCUT:
+        kwargs["shortcut"] = shortcut
+    return st.button(label, key=key, **kwargs)
+
+
+def author_name() -> str:
+    """The labeler's name, typed once per browser session."""
+    return st.sidebar.text_input("Your name", key="author", help="recorded with each change you make")
+
+
+def show_counts(store: LabelStore, box: Any) -> None:
+    """One metric per status, drawn into `box`."""
+    counts = store.counts()
+    for col, status in zip(box.columns(len(STATUSES)), STATUSES, strict=True):
+        col.metric(status, counts[status])
+
+
+def import_section(ws: Workspace, store: LabelStore, author: str) -> None:
+    """Import a JSON/JSONL/CSV file from the workspace or an upload, after a preview."""
+    with st.expander("Import records", expanded=False):
+        upload = st.file_uploader("Upload JSON, JSONL or CSV", type=["json", "jsonl", "csv"], key="upload")
+        if upload is not None:
+            # uploads are copied into data/ so import reads a file in the workspace like any other
+            target = ws.data_dir / upload.name.replace("/", "_")
+            target.write_bytes(upload.getvalue())
+            st.session_state["import_path"] = ws.relative(target)
+        path_text = st.text_input(
+            "File in the workspace", key="import_path", placeholder="data/records.jsonl"
+        )
+        preview_col, import_col = st.columns(2)
+        if preview_col.button("Preview", key="preview") and path_text:
+            try:
+                pv = store.preview_file(ws.resolve(path_text))
+            except (ValueError, LabelStoreError, OSError) as e:
+                st.error(str(e))
+            else:
+                st.write(f"{pv.total} records read: {len(pv.rows)} shown, {pv.duplicates} duplicates, "
+                         f"{len(pv.errors)} unreadable")  # fmt: skip
+                st.dataframe([_row_view(r) for r in pv.rows], width="stretch")
+                for err in pv.errors[:5]:
+                    st.warning(err)
+        if import_col.button("Import", key="import", type="primary") and path_text:
+            try:
+                rep = store.import_file(ws.resolve(path_text), author=author)
+            except (ValueError, LabelStoreError, OSError) as e:
+                st.error(str(e))
+            else:
+                st.success(f"imported {rep.added} records; {rep.duplicates} duplicates skipped; "
+                           f"{len(rep.errors)} unreadable")  # fmt: skip
+
+
+def _row_view(row: dict[str, Any]) -> dict[str, Any]:
+    if row.get("kind") == "conversation":
+        return {"kind": "conversation", "instruction": json.dumps(row["messages"], ensure_ascii=False)[:200]}
+    return {k: row.get(k, "") for k in ("kind", "instruction", "input", "output", "status")}
+
+
+def add_section(store: LabelStore, author: str) -> None:
+    """Write a new instruction record by hand."""
+    with st.expander("New record", expanded=False):
+        instruction = st.text_area("Instruction", key="new_instruction")
+        extra = st.text_area("Input (optional)", key="new_input")
+        output = st.text_area("Output", key="new_output")
+        if st.button("Add", key="add") and instruction.strip():
+            rid = store.add(instruction, extra, output, author=author)
+            st.session_state["current_id"] = rid
+            st.success(f"added record {rid}")
+
+
+def browse_section(store: LabelStore) -> list[Record]:
+    """Filter and search; shows the matching records and returns them."""
+    col_status, col_search = st.columns([1, 2])
+    status = col_status.selectbox("Status", ["all", *STATUSES], key="filter_status")
+    search = col_search.text_input("Search", key="search")
+    records = store.list(status=None if status == "all" else status, search=search or None, limit=500)
+    st.dataframe(
+        [{"id": r.id, "status": r.status, "kind": r.kind, "text": r.prompt_text()[:80] if r.kind == "instruction"
+          else json.dumps(r.messages, ensure_ascii=False)[:80], "author": r.author} for r in records],
+        width="stretch", hide_index=True, height=200,
+    )  # fmt: skip
+    return records
+
+
+def _next_id(store: LabelStore, records: list[Record], after: int | None) -> int | None:
+    """The next pending record after `after` (wrapping), else the next listed record."""
+    pending = [r.id for r in store.list(status="pending", limit=1000)]
+    for ids in (pending, [r.id for r in records]):
+        later = [i for i in ids if after is None or i > after]
+        if later or ids:
+            return (later or ids)[0]
+    return None
+
+
+def _picked() -> None:
+    st.session_state["current_id"] = st.session_state["pick_id"]
+
+
+def editor_section(store: LabelStore, records: list[Record], author: str) -> None:
+    """Edit the current record and decide on it."""
+    # offered before anything else, so it is there even when the deleted record was the last one listed
+    if st.session_state.get("last_deleted") is not None and button(
+        f"Undo delete of record {st.session_state['last_deleted']}", "undo"
+    ):
+        st.session_state["current_id"] = st.session_state.pop("last_deleted")
+        store.undo_delete(st.session_state["current_id"])
+        st.rerun()
+    ids = [r.id for r in records]
+    cur = st.session_state.get("current_id")
+    if cur not in ids:
+        cur = _next_id(store, records, None) if records else None
+        cur = cur if cur in ids else (ids[0] if ids else None)
+    if cur is None:
+        st.info("No records match. Import a file or add one.")
+        return
+    # the picker's own state must follow moves made by buttons; a widget's state may only be set before it is drawn
+    st.session_state["pick_id"] = cur
+    cur = st.selectbox("Record", ids, key="pick_id", on_change=_picked)
+    st.session_state["current_id"] = cur
+    rec = store.get(cur)
+    st.caption(f"record {rec.id} · {rec.kind} · {rec.status} · by {rec.author or '—'}")
+    # widget keys carry the id, so moving to another record shows its text rather than the old edits
+    if rec.kind == "instruction":
+        fields = {
+            "instruction": st.text_area("Instruction", rec.instruction, key=f"ed_instruction_{rec.id}"),
+            "input": st.text_area("Input", rec.input, key=f"ed_input_{rec.id}"),
+            "output": st.text_area("Output", rec.output, key=f"ed_output_{rec.id}", height=150),
+        }
+    else:
+        text = st.text_area("Messages (JSON)", json.dumps(rec.messages, ensure_ascii=False, indent=1),
+                            key=f"ed_messages_{rec.id}", height=250)  # fmt: skip
+        try:
+            fields = {"messages": json.loads(text)}
+        except json.JSONDecodeError as e:
+            st.error(f"not valid JSON: {e}")
+            fields = {}
+    # two rows: a shortcut hint takes room, and a narrow column would hide the button's own label
+    decide, manage = st.columns(3), st.columns(2)
+    action = None
+    with decide[0]:
+        if button("Accept", f"accept_{rec.id}", SHORTCUTS["accept"], type="primary", width="stretch"):
+            action = "accepted"
+    with decide[1]:
+        if button("Reject", f"reject_{rec.id}", SHORTCUTS["reject"], width="stretch"):
+            action = "rejected"
+    with decide[2]:
+        go_next = button("Next", f"next_{rec.id}", SHORTCUTS["next"], width="stretch")
+    with manage[0]:
+        if button("Save draft", f"draft_{rec.id}", width="stretch"):
+            action = "draft"
+    with manage[1]:
+        if button("Delete", f"delete_{rec.id}", width="stretch"):
+            store.delete(rec.id)
+            st.session_state["last_deleted"] = rec.id
+            st.session_state["current_id"] = _next_id(store, records, rec.id)
+            st.rerun()
+    if action is not None and fields:
+        store.update(rec.id, **fields, status=action, author=author)
+        st.toast(f"record {rec.id}: {action}")
+        go_next = True
+    if go_next:
+        st.session_state["current_id"] = _next_id(store, records, rec.id)
+        st.rerun()
+
+
+def export_section(ws: Workspace, store: LabelStore) -> None:
+    """Export accepted records as training data."""
+    st.subheader("Export accepted records")
+    col_fmt, col_path = st.columns([1, 2])
+    fmt = col_fmt.selectbox("Format", EXPORT_FORMATS, key="export_format")
+    path_text = col_path.text_input("Output file", f"data/labels-{fmt}.jsonl", key=f"export_path_{fmt}")
+    if st.button("Export", key="export"):
+        try:
+            rep = store.export(ws.resolve(path_text), fmt)
+        except (ValueError, LabelStoreError, OSError) as e:
+            st.error(str(e))
+        else:
+            st.success(f"exported {rep.written} records to {ws.relative(ws.resolve(path_text))}"
+                       + (f"; skipped {rep.skipped}" if rep.skipped else ""))  # fmt: skip
+            for reason in rep.reasons:
+                st.warning(reason)
+            # "train on this": the monitor page reads this prefill when it builds its config editor
+            st.session_state["prefill_train_file"] = ws.relative(ws.resolve(path_text))
+            st.session_state["prefill_format"] = fmt
+
+
+def page() -> None:
+    """The labeling page."""
+    ws = current()
+    st.title("Labeling")
+    store = ws.store()
+    author = author_name()
+    counts_box = st.container()  # drawn last, so the counts include this run's changes
+    import_section(ws, store, author)
+    add_section(store, author)
+    records = browse_section(store)
+    editor_section(store, records, author)
+    export_section(ws, store)
+    show_counts(store, counts_box)

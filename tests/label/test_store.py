@@ -1,0 +1,149 @@
+"""The label store: import/edit/export round trip, concurrent writers, a writer killed mid-transaction."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import os
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from chattune.data.formats import read_samples
+from chattune.data.schema import Conversation, Pair
+from chattune.label.store import SCHEMA_VERSION, LabelStore, LabelStoreError, migrate
+
+
+def _write_jsonl(path: Path, records: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    return path
+
+
+def test_import_edit_export_round_trip(tmp_path: Path) -> None:
+    store = LabelStore(tmp_path / "labels.sqlite")
+    src = _write_jsonl(
+        tmp_path / "in.jsonl",
+        [
+            {"instruction": "Capital of France?", "input": "", "output": "Paris"},
+            {"instruction": "Add", "input": "2 + 2", "output": "4"},
+            {"instruction": "Capital of France?", "input": "", "output": "Paris"},  # duplicate in the file
+            {"conversations": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]},
+            {"nonsense": 1},
+        ],
+    )
+    preview = store.preview_file(src)
+    assert (
+        preview.total == 5 and len(preview.rows) == 4 and preview.duplicates == 1 and len(preview.errors) == 1
+    )
+    assert store.counts()["pending"] == 0  # preview adds nothing
+
+    report = store.import_file(src, author="ann")
+    assert (report.added, report.duplicates, len(report.errors)) == (3, 1, 1)
+    again = store.import_file(src)
+    assert (again.added, again.duplicates) == (0, 4)  # re-importing is reported, not re-added
+
+    first, second, conv = (store.get(i) for i in report.ids)
+    assert first.kind == "instruction" and conv.kind == "conversation" and first.author == "ann"
+    store.update(second.id, output="four")
+    store.set_status(first.id, "accepted", "bob")
+    store.set_status(second.id, "accepted", "bob")
+    store.set_status(conv.id, "rejected", "bob")
+    assert store.counts() == {"pending": 0, "draft": 0, "accepted": 2, "rejected": 1}
+    assert store.get(first.id).author == "bob"
+    assert [r.id for r in store.list(search="four")] == [second.id]
+    assert [r.id for r in store.list(status="rejected")] == [conv.id]
+
+    store.delete(first.id)
+    assert store.counts()["accepted"] == 1
+    with pytest.raises(LabelStoreError):
+        store.get(first.id)
+    store.undo_delete(first.id)
+    assert store.get(first.id).status == "accepted"
+
+    for fmt, kind in [("conversations", Conversation), ("prompt_response", Pair), ("context_target", Pair)]:
+        out = tmp_path / f"{fmt}.jsonl"
+        exported = store.export(out, fmt)
+        assert exported.written == 2
+        samples = [s for _, s in read_samples(out)]  # what `chattune train` reads
+        assert len(samples) == 2 and all(isinstance(s, kind) for s in samples)
+    pairs = [s for _, s in read_samples(tmp_path / "prompt_response.jsonl")]
+    assert pairs[1] == Pair("Add\n2 + 2", "four")
+
+
+def test_import_csv_and_json(tmp_path: Path) -> None:
+    store = LabelStore(tmp_path / "labels.sqlite")
+    csv_file = tmp_path / "in.csv"
+    csv_file.write_text("instruction,input,output\nSay hi,,hi\nSum,1+1,2\n", encoding="utf-8")
+    json_file = tmp_path / "in.json"
+    json_file.write_text(json.dumps([{"prompt": "p", "response": "r"}]), encoding="utf-8")
+    assert store.import_file(csv_file).added == 2
+    assert store.import_file(json_file).added == 1
+    assert store.list(search="1+1")[0].input == "1+1"
+    with pytest.raises(LabelStoreError, match=r"json, \.jsonl or \.csv"):
+        store.import_file(tmp_path / "x.txt")
+
+
+def test_schema_version_and_migration(tmp_path: Path) -> None:
+    path = tmp_path / "labels.sqlite"
+    LabelStore(path)
+    db = sqlite3.connect(path)
+    assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+    assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert migrate(db) == SCHEMA_VERSION  # already current: nothing to do
+    db.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    db.close()
+    with pytest.raises(LabelStoreError, match="newer"):
+        LabelStore(path)
+
+
+def _writer(path: str, worker: int, n: int) -> None:
+    store = LabelStore(path)
+    for i in range(n):
+        rid = store.add(f"w{worker}-{i}", output="x", author=f"w{worker}")
+        if i % 10 == 0:
+            store.set_status(rid, "accepted", f"w{worker}")
+
+
+def test_concurrent_writers_lose_nothing(tmp_path: Path) -> None:
+    path = str(tmp_path / "labels.sqlite")
+    LabelStore(path)
+    ctx = mp.get_context("spawn")  # a fresh interpreter per worker, like separate Streamlit servers
+    procs = [ctx.Process(target=_writer, args=(path, w, 50)) for w in range(4)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+    assert [p.exitcode for p in procs] == [0, 0, 0, 0]
+    store = LabelStore(path)
+    rows = store.list(limit=1000)
+    assert sorted(r.instruction for r in rows) == sorted(f"w{w}-{i}" for w in range(4) for i in range(50))
+    assert store.counts()["accepted"] == 20
+
+
+def _die_mid_transaction(path: str) -> None:
+    store = LabelStore(path)
+    with store.transaction() as db:
+        db.execute(
+            "INSERT INTO records (kind, status, created_at, updated_at, fingerprint) "
+            "VALUES ('instruction', 'pending', 0, 0, 'x')"
+        )
+        db.execute("UPDATE records SET status = 'rejected'")
+        os._exit(1)  # no rollback, no close: as if the process were killed
+
+
+def test_killed_writer_leaves_db_consistent(tmp_path: Path) -> None:
+    path = tmp_path / "labels.sqlite"
+    store = LabelStore(path)
+    rid = store.add("keep me", output="ok", status="accepted")
+    proc = mp.get_context("spawn").Process(target=_die_mid_transaction, args=(str(path),))
+    proc.start()
+    proc.join(60)
+    assert proc.exitcode == 1
+    store = LabelStore(path)
+    assert [r.id for r in store.list()] == [rid] and store.get(rid).status == "accepted"
+    db = sqlite3.connect(path)
+    assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    db.close()
+    store.add("after", output="ok")  # the lock the dead process held is gone
+    assert store.counts()["pending"] == 1
