@@ -161,6 +161,63 @@ def web(
     run_web(workspace, host=host, port=port)
 
 
+@app.command()
+def chat(
+    model: ModelOpt = None,
+    adapter: AdapterOpt = None,
+    tokenizer: Annotated[
+        str | None, typer.Option("--tokenizer", help="tokenizer dir, when not the model's")
+    ] = None,
+    template: Annotated[str | None, typer.Option(help="override the run's template")] = None,
+    system: Annotated[str | None, typer.Option(help="system prompt")] = None,
+    tools: Annotated[Path | None, typer.Option(help="JSON list of tool definitions")] = None,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1)] = 512,
+    temperature: float = 0.7,
+    top_p: Annotated[float, typer.Option("--top-p")] = 0.9,
+    do_sample: Annotated[bool, typer.Option("--do-sample/--greedy")] = False,
+    seed: int | None = None,
+    pre_seq_len: Annotated[
+        int | None, typer.Option("--pt-pre-seq-len", help="check the P-Tuning v2 prefix")
+    ] = None,
+) -> None:
+    """Chat with a (tuned) model in the terminal; with --tools, tool calls ask you for the observation."""
+    from chattune.infer.chat import load_tools, run_chat
+    from chattune.infer.engine import load_engine
+    from chattune.infer.generate import Sampling
+
+    if tools is not None:
+        load_tools(tools)  # a bad file fails before a large model loads
+    engine = load_engine(model, adapter, tokenizer=tokenizer, template=template, pre_seq_len=pre_seq_len)
+    sampling = Sampling(max_new_tokens, temperature, top_p, do_sample, seed)
+    run_chat(engine, sampling, system=system, tools_file=tools, console=out)
+
+
+@app.command()
+def export(
+    adapter: Annotated[
+        Path, typer.Option("--adapter", help="a LoRA output dir (final/, best/, checkpoint-N/)")
+    ],
+    output: Annotated[Path, typer.Option("-o", "--output", help="the standalone model dir to write")],
+    model: ModelOpt = None,
+    overwrite: bool = False,
+    dtype: Annotated[str, typer.Option(help="auto (the base's dtype) | fp32 | bf16 | fp16")] = "auto",
+    trust_remote_code: bool = False,
+) -> None:
+    """Merge a LoRA adapter into its base: a model dir plain transformers loads."""
+    from chattune.infer.export import export_merged
+
+    path = export_merged(
+        model,
+        adapter,
+        output,
+        console=err,
+        overwrite=overwrite,
+        dtype=dtype,
+        trust_remote_code=trust_remote_code,
+    )
+    out.print(f"merged model → {path}")
+
+
 @data_app.command("check")
 def data_check(
     config: ConfigArg,

@@ -36,7 +36,7 @@ def test_nan_loss_stops_with_step(tiny_model_dir, data, tmp_path):
     model.save_pretrained(broken)
     AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(broken)
     cfg = build_config(dict(model=str(broken), train_file=str(data), output_dir=str(tmp_path / "o"),
-                            max_steps=30, logging_steps=1, batch_size=4, grad_accum=1))  # fmt: skip
+                            max_steps=30, logging_steps=1, batch_size=4, grad_accum=1, num_threads=1))  # fmt: skip
     with pytest.raises(ChattuneError, match=r"the loss became nan at step 1; no checkpoint"):
         run_training(cfg)
     assert not (tmp_path / "o" / "final").exists()
@@ -57,7 +57,7 @@ def test_ctrl_c_saves_a_checkpoint_then_resume_finishes(tiny_model_dir, data, tm
     out = tmp_path / "run"
     (tmp_path / "c.yaml").write_text(
         f"model: {tiny_model_dir}\ntrain_file: {data}\noutput_dir: {out}\nmax_steps: 400\nlogging_steps: 1\n"
-        "save_steps: 1000\nbatch_size: 2\ngrad_accum: 1\n"
+        "save_steps: 1000\nbatch_size: 2\ngrad_accum: 1\nnum_threads: 1\n"
     )
     env = os.environ | {"CHATTUNE_HOME": str(tmp_path / "home")}
     proc = subprocess.Popen([sys.executable, "-m", "chattune", "train", "c.yaml"], cwd=tmp_path, env=env,

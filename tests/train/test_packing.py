@@ -52,7 +52,7 @@ def test_packed_training_matches_padded_loss(tiny_model_dir, tmp_path):
     def curve(packing):
         out = tmp_path / f"p{packing}"
         cfg = dict(model=str(tiny_model_dir), train_file=str(data), output_dir=str(out), batch_size=4, grad_accum=1,
-                   max_steps=4, logging_steps=1, lora_dropout=0.0, packing=packing, learning_rate=1e-2)  # fmt: skip
+                   max_steps=4, logging_steps=1, lora_dropout=0.0, packing=packing, learning_rate=1e-2, num_threads=1)  # fmt: skip
         run_training(build_config(cfg))
         assert "chattune_packed" not in (out / "final" / "adapter_config.json").read_text()
         return [

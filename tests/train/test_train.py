@@ -26,7 +26,7 @@ def conv_file(tmp_path) -> Path:
 
 def make_cfg(model_dir, data, out, **kw):
     values = dict(model=str(model_dir), train_file=str(data), output_dir=str(out), batch_size=4, grad_accum=2,
-                  learning_rate=1e-2, max_steps=30, logging_steps=5, save_steps=10, seed=1)  # fmt: skip
+                  learning_rate=1e-2, max_steps=30, logging_steps=5, save_steps=10, seed=1, num_threads=1)  # fmt: skip
     return build_config(values | kw)
 
 

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import re
 import sys
+import threading
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -20,6 +23,7 @@ from chattune.infer.generate import Sampling, stream
 
 EXIT_WORDS = ("exit", "quit")
 CLEAR_WORD = "clear"
+_ANSI_CODE = re.compile(r"\x1b\[[0-9;]*m")
 
 
 def load_tools(path: Path) -> list[dict[str, Any]]:
@@ -60,7 +64,8 @@ def render_reply(parsed: ParsedReply, console: Console, *, streamed: bool = True
             console.print(parsed.content, markup=False, highlight=False)
         console.print(
             f"[yellow]warning: the reply looks like a tool call but does not parse ({escape(parsed.error)}); "
-            "it is kept as plain text[/]"
+            "it is kept as plain text[/]",
+            highlight=False,
         )
         return
     if parsed.content and not streamed:
@@ -82,10 +87,23 @@ def _tool_name(tool: dict[str, Any]) -> str:
     return str(tool.get("name") or (function.get("name") if isinstance(function, dict) else None) or "?")
 
 
+def _terminal_prompt(console: Console, prompt: Text) -> str:
+    """The styled prompt as a string for input(), colour codes fenced so readline knows they take no room."""
+    with console.capture() as captured:
+        console.print(prompt, end="")
+    text = captured.get()
+    if "readline" not in sys.modules:
+        return text
+    # unfenced escape codes count as columns, and line editing or history recall then redraws over the prompt
+    return _ANSI_CODE.sub(lambda m: f"\x01{m.group(0)}\x02", text)
+
+
 def _read(console: Console, prompt: Text, input_stream: TextIO) -> str | None:
     """One line from the user without its newline; None at end of input."""
     if input_stream is sys.stdin:
         try:
+            if console.file is sys.stdout:  # input() must draw the prompt itself for readline to redraw it
+                return input(_terminal_prompt(console, prompt))
             return console.input(prompt)
         except EOFError:
             console.print()
@@ -106,18 +124,29 @@ def _reply(engine: Engine, conv: Conversation, sampling: Sampling, console: Cons
     context = engine.context_length
     if len(prompt_ids) + sampling.max_new_tokens > context:
         console.print(
-            f"[yellow]the conversation uses {len(prompt_ids)} of {context} context tokens; the reply may be cut "
-            "or degrade (type clear to start over)[/]"
+            f"[yellow]{len(prompt_ids)} prompt tokens + up to {sampling.max_new_tokens} new ones exceed the "
+            f"model's {context}-token context; the reply may degrade (type clear to start over)[/]",
+            highlight=False,
         )
     console.print(Text("assistant> ", style="bold cyan"), end="")
     pieces: list[str] = []
     shown = False
-    for piece in stream(engine, prompt_ids, sampling):
-        pieces.append(piece)
-        if not shown:  # ChatGLM3 text replies open with an empty metadata line; don't print it as a blank
-            piece = piece.lstrip()
-            shown = bool(piece)
-        console.print(piece, end="", markup=False, highlight=False)
+    cancel = threading.Event()
+    threads_before = set(threading.enumerate())
+    try:
+        for piece in stream(engine, prompt_ids, sampling, cancel):
+            pieces.append(piece)
+            if not shown:  # ChatGLM3 text replies open with an empty metadata line; don't print it as a blank
+                piece = piece.lstrip()
+                shown = bool(piece)
+            console.print(piece, end="", markup=False, highlight=False, soft_wrap=True)
+    except KeyboardInterrupt:
+        # Ctrl-C quits: stop generation at its next token and wait for its thread, since interpreter exit
+        # in the middle of a torch op aborts the process ("terminate called without an active exception")
+        cancel.set()
+        for worker in set(threading.enumerate()) - threads_before:
+            worker.join(timeout=30)
+        raise
     console.print()
     raw = "".join(pieces)  # unstripped: ChatGLM3's parser needs the metadata line as generated
     parsed = engine.template.parse_reply(raw)
@@ -168,10 +197,8 @@ def run_chat(
     start = [Message("system", system)] if system else []
     conv = Conversation(list(start), tools)
     if input_stream is sys.stdin and sys.stdin.isatty():
-        try:
+        with contextlib.suppress(ImportError):  # not on every platform; plain input() still works
             import readline  # noqa: F401  (line editing and history for input())
-        except ImportError:  # not on every platform; plain input() still works
-            pass
     tool_names = ", ".join(_tool_name(t) for t in tools) if tools else "none"
     console.print(
         f"[bold]{escape(engine.name)}[/] (template {engine.template.name}; tools: {escape(tool_names)})\n"
@@ -194,6 +221,6 @@ def run_chat(
             conv.messages.append(Message("user", line))
             if not _answer(engine, conv, sampling, console, input_stream):
                 break
-    except KeyboardInterrupt:  # Ctrl-C quits like exit; a generation still running is a daemon thread
+    except KeyboardInterrupt:  # Ctrl-C quits like exit, at the prompt or mid-reply
         console.print()
     console.print("[dim]bye[/]")

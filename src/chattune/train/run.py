@@ -167,7 +167,9 @@ def run_training(cfg: TrainConfig, console: Console | None = None) -> Path:
     cfg.require("train_file")
     resume_from = prepare_output_dir(cfg)
     out = Path(cfg.output_dir)
-    torch.set_num_threads(cfg.num_threads or available_cores())
+    # under torchrun the processes on one machine share its cores
+    per_process = max(available_cores() // int(os.environ.get("LOCAL_WORLD_SIZE", "1")), 1)
+    torch.set_num_threads(cfg.num_threads or per_process)
     precision = pick_precision(cfg.precision)
     if precision == "bf16" and not torch.cuda.is_available() and cfg.precision == "bf16":
         console.print("[yellow]precision: bf16 on this CPU is slow unless it has AVX-512-BF16/AMX[/]")
