@@ -218,6 +218,32 @@ def export(
     out.print(f"merged model → {path}")
 
 
+@app.command()
+def serve(
+    model: ModelOpt = None,
+    adapter: AdapterOpt = None,
+    template: Annotated[str | None, typer.Option(help="override the run's template")] = None,
+    host: Annotated[
+        str, typer.Option(help="address to bind; anything but loopback needs --api-key")
+    ] = "127.0.0.1",
+    port: int = 8000,
+    api_key: Annotated[
+        str | None, typer.Option(envvar="CHATTUNE_API_KEY", help="require Authorization: Bearer KEY")
+    ] = None,
+    model_name: Annotated[str | None, typer.Option(help="the model id clients see")] = None,
+    insecure: Annotated[bool, typer.Option(help="allow a non-local bind without an API key")] = False,
+) -> None:
+    """An OpenAI-compatible API (/v1/chat/completions, /v1/models) around one model."""
+    try:
+        from chattune.serve import run_server
+    except ImportError as e:
+        raise ChattuneError(f"serving needs the serve extra: pip install 'chattune[serve]' ({e})") from None
+    from chattune.infer.engine import load_engine
+
+    engine = load_engine(model, adapter, template=template)
+    run_server(engine, host=host, port=port, api_key=api_key, model_name=model_name, insecure=insecure)
+
+
 @data_app.command("check")
 def data_check(
     config: ConfigArg,

@@ -121,15 +121,28 @@ def stream(
     device = next(engine.model.parameters()).device
     inputs = _left_pad([prompt_ids], engine.tokenizer.pad_token_id, device)
     streamer = TextIteratorStreamer(engine.tokenizer, skip_prompt=True, skip_special_tokens=True)
-    kwargs = sampling.generate_kwargs(engine) | {"streamer": streamer}
-    if cancel is not None:
-        kwargs["stopping_criteria"] = _cancel_criteria(cancel)
+    # our own event also stops generation when the consumer stops reading (closed generator, Ctrl-C)
+    stop = cancel if cancel is not None else Event()
+    kwargs = sampling.generate_kwargs(engine) | {
+        "streamer": streamer,
+        "stopping_criteria": _cancel_criteria(stop),
+    }
+    failure: list[BaseException] = []
 
     def run() -> None:
-        with torch.no_grad():
-            engine.model.generate(**inputs, **kwargs)
+        try:
+            with torch.no_grad():
+                engine.model.generate(**inputs, **kwargs)
+        except BaseException as e:  # re-raised in the consumer's thread below
+            failure.append(e)
+            streamer.end()  # unblock the consumer, which would otherwise wait for text forever
 
     worker = Thread(target=run, daemon=True)
     worker.start()
-    yield from streamer
-    worker.join()
+    try:
+        yield from streamer
+    finally:
+        stop.set()
+        worker.join()
+    if failure:
+        raise failure[0]

@@ -26,7 +26,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from chattune.data.formats import FORMATS, Where
 from chattune.data.schema import SourceRecord, ToolCall
-from chattune.errors import DataFormatError
+from chattune.errors import ConfigError, DataFormatError
 from chattune.infer.engine import Engine
 from chattune.infer.generate import Sampling, stream
 from chattune.serve.schemas import (
@@ -62,6 +62,11 @@ class ServeLimits:
     max_pending: int = 64  # running + queued requests; beyond this the server answers 429
     default_max_tokens: int = 512  # when a request gives no max_tokens (cut to what the context leaves)
     disconnect_poll_s: float = 0.25  # how often a non-streamed request checks that its client is still there
+
+    def __post_init__(self) -> None:
+        for name, value in dataclasses.asdict(self).items():
+            if value <= 0:
+                raise ConfigError(f"ServeLimits.{name} must be positive, got {value}")
 
 
 class APIError(Exception):
@@ -395,10 +400,10 @@ class _Service:
                 code="busy",
             )
 
-    def reply(self, job: _Job, raw: str) -> tuple[str | None, list[ToolCall]]:
+    def reply(self, job: _Job, raw: str, final: bool = True) -> tuple[str | None, list[ToolCall]]:
         """Content and tool calls of a raw reply; without tools offered, call-like text stays text."""
         parsed = self.engine.template.parse_reply(raw)
-        if parsed.error:
+        if parsed.error and final:  # a partial reply mid-stream often looks like a broken call
             log.info("reply not parsed as a tool call: %s", parsed.error)
         if parsed.tool_calls and job.tools:
             return parsed.content or None, parsed.tool_calls
@@ -439,6 +444,9 @@ class _Service:
                         scan.feed(item)
                         if scan.stopped:
                             cancel.set()
+        except Exception as e:  # answered here, so the app's last-resort handler need not re-raise it
+            log.exception("generation failed")
+            raise APIError(500, f"generation failed: {type(e).__name__}: {e}") from None
         finally:
             watcher.cancel()
         content, calls = self.reply(job, scan.text)
@@ -487,13 +495,14 @@ class _Service:
                     if scan.stopped:
                         cancel.set()
                     if not job.tools:
-                        visible = self.reply(job, scan.settled())[0] or ""
+                        visible = self.reply(job, scan.settled(), final=False)[0] or ""
                         if visible.startswith(sent) and len(visible) > len(sent):
                             yield chunk(Delta(content=visible[len(sent) :]))
                             sent = visible
-        except Exception as e:
+        except Exception as e:  # the 200 header is out: report in the stream, as OpenAI does
             log.exception("generation failed")
-            error = ErrorResponse(error=ErrorDetail(message=f"generation failed: {e}", type="server_error"))
+            message = f"generation failed: {type(e).__name__}: {e}"
+            error = ErrorResponse(error=ErrorDetail(message=message, type="server_error"))
             yield {"data": error.model_dump_json()}
             return
         content, calls = self.reply(job, scan.text)
