@@ -43,15 +43,19 @@ AdapterOpt = Annotated[
     typer.Option("--adapter", "--pt-checkpoint", help="a LoRA or P-Tuning v2 output dir (final/, best/...)"),
 ]
 
+TokenizerOpt = Annotated[str | None, typer.Option("--tokenizer", help="tokenizer dir, when not the model's")]
+TemplateOpt = Annotated[str | None, typer.Option(help="override the run's template")]
+TopPOpt = Annotated[float, typer.Option("--top-p")]
+DoSampleOpt = Annotated[bool, typer.Option("--do-sample/--greedy")]
+PreSeqLenOpt = Annotated[int | None, typer.Option("--pt-pre-seq-len", help="check the P-Tuning v2 prefix")]
+
 
 @app.command()
 def infer(
     model: ModelOpt = None,
     adapter: AdapterOpt = None,
-    tokenizer: Annotated[
-        str | None, typer.Option("--tokenizer", help="tokenizer dir, when not the model's")
-    ] = None,
-    template: Annotated[str | None, typer.Option(help="override the run's template")] = None,
+    tokenizer: TokenizerOpt = None,
+    template: TemplateOpt = None,
     mode: Annotated[
         str, typer.Option(help="generate: encode as training did; chat: as a user turn")
     ] = "generate",
@@ -62,12 +66,10 @@ def infer(
     batch_size: Annotated[int, typer.Option(min=1)] = 8,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1)] = 256,
     temperature: float = 0.7,
-    top_p: Annotated[float, typer.Option("--top-p")] = 0.9,
-    do_sample: Annotated[bool, typer.Option("--do-sample/--greedy")] = False,
+    top_p: TopPOpt = 0.9,
+    do_sample: DoSampleOpt = False,
     seed: int | None = None,
-    pre_seq_len: Annotated[
-        int | None, typer.Option("--pt-pre-seq-len", help="check the P-Tuning v2 prefix")
-    ] = None,
+    pre_seq_len: PreSeqLenOpt = None,
     compare_base: Annotated[
         bool, typer.Option(help="also run the base model and print both side by side")
     ] = False,
@@ -165,20 +167,16 @@ def web(
 def chat(
     model: ModelOpt = None,
     adapter: AdapterOpt = None,
-    tokenizer: Annotated[
-        str | None, typer.Option("--tokenizer", help="tokenizer dir, when not the model's")
-    ] = None,
-    template: Annotated[str | None, typer.Option(help="override the run's template")] = None,
+    tokenizer: TokenizerOpt = None,
+    template: TemplateOpt = None,
     system: Annotated[str | None, typer.Option(help="system prompt")] = None,
     tools: Annotated[Path | None, typer.Option(help="JSON list of tool definitions")] = None,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1)] = 512,
     temperature: float = 0.7,
-    top_p: Annotated[float, typer.Option("--top-p")] = 0.9,
-    do_sample: Annotated[bool, typer.Option("--do-sample/--greedy")] = False,
+    top_p: TopPOpt = 0.9,
+    do_sample: DoSampleOpt = False,
     seed: int | None = None,
-    pre_seq_len: Annotated[
-        int | None, typer.Option("--pt-pre-seq-len", help="check the P-Tuning v2 prefix")
-    ] = None,
+    pre_seq_len: PreSeqLenOpt = None,
 ) -> None:
     """Chat with a (tuned) model in the terminal; with --tools, tool calls ask you for the observation."""
     from chattune.infer.chat import load_tools, run_chat
@@ -222,7 +220,7 @@ def export(
 def serve(
     model: ModelOpt = None,
     adapter: AdapterOpt = None,
-    template: Annotated[str | None, typer.Option(help="override the run's template")] = None,
+    template: TemplateOpt = None,
     host: Annotated[
         str, typer.Option(help="address to bind; anything but loopback needs --api-key")
     ] = "127.0.0.1",
