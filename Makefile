@@ -35,4 +35,4 @@ quickstart: setup
 	$(VENV)/bin/chattune data check examples/quickstart.yaml -n 1
 	$(VENV)/bin/chattune train examples/quickstart.yaml overwrite_output_dir=true
 	$(VENV)/bin/chattune infer --model smollm2-135m-instruct --adapter runs/quickstart/final \
-		--mode chat --input examples/quickstart/heldout.jsonl --compare-base
+		--mode chat --input examples/quickstart/heldout.jsonl --compare-base --max-new-tokens 96
