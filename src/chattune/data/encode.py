@@ -17,6 +17,7 @@ import pyarrow as pa
 from chattune import __version__
 from chattune.data.formats import ReadReport, read_samples
 from chattune.data.templates import Template
+from chattune.errors import DataFormatError
 
 # bump when encoding changes in a way old caches must not be reused for
 _ENCODING_REVISION = 2
@@ -146,8 +147,6 @@ def encode_file(
     path = Path(path)
     stats = DataStats(file=str(path))
     if not path.is_file():
-        from chattune.errors import DataFormatError
-
         raise DataFormatError("file not found", file=str(path))
     key = cache_key(path, template, tokenizer, {"format": fmt, "on_bad_record": on_bad_record})
     base = cache_dir or Path(tempfile.gettempdir()) / "chattune-data"
