@@ -101,6 +101,7 @@ class HFChatTemplate:
         self.tok, self.limits = tokenizer, limits
         self.raw = RawTemplate(tokenizer, limits)
         self.native_tools, self.native_calls = self._probe_tool_support()
+        self._stop_ids: list[int] | None = None
 
     def _probe_tool_support(self) -> tuple[bool, bool]:
         """Whether the chat template renders tool definitions and tool calls itself (checked by rendering)."""
@@ -198,6 +199,11 @@ class HFChatTemplate:
 
     def stop_token_ids(self) -> list[int]:
         """eos plus the end-of-turn token this template closes a reply with (found by encoding a probe)."""
+        if self._stop_ids is None:  # asked for on every generate call; the probe renders three times
+            self._stop_ids = self._probe_stop_ids()
+        return list(self._stop_ids)
+
+    def _probe_stop_ids(self) -> list[int]:
         probe = Conversation([Message("user", "Hi"), Message("assistant", "Hello")])
         learnt = [t for t in self.encode(probe).labels if t != IGNORE_INDEX]
         ids = {self.tok.eos_token_id}
