@@ -38,7 +38,7 @@ from typing import Any
 import psutil
 import torch
 
-RUNS = ("chattune", "chattune-packing", "trl", "trl-nogc", "trl-packing")
+RUNS = ("chattune", "chattune-packing", "chattune-gc", "trl", "trl-nogc", "trl-packing")
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared/data/seed000-advertisegen/dev.json"
 MIB = 2**20
 METRICS = ("wall_s", "sup_tok_s", "all_tok_s", "peak_rss_mib", "peak_gpu_mib", "train_loss", "last_loss")
@@ -118,13 +118,15 @@ def run_chattune(a: argparse.Namespace, out: Path, counts: dict[str, int]) -> di
     job |= {"lora_rank": 8, "lora_alpha": 16, "lora_dropout": 0.0, "batch_size": 8, "grad_accum": 1}
     job |= {"learning_rate": 2e-4, "epochs": 1, "max_steps": a.max_steps, "seed": 0, "report_to": "none"}
     job |= {"save_steps": 10**9, "logging_steps": 1, "output_dir": str(out), "overwrite_output_dir": True}
+    job |= {"gradient_checkpointing": a.child == "chattune-gc"}
     cfg = build_config(job)
     run_training(cfg)
     log = [json.loads(line) for line in (out / "trainer_log.jsonl").read_text().splitlines()]
     if "train_runtime" not in log[-1]:
         raise RuntimeError(f"no train_runtime in the last record of {out}/trainer_log.jsonl: {log[-1]}")
     losses = [r["loss"] for r in log if "loss" in r]
-    return {"wall_s": log[-1]["train_runtime"], "losses": losses, "steps": log[-1]["step"], "gc": False}
+    gc = cfg.gradient_checkpointing
+    return {"wall_s": log[-1]["train_runtime"], "losses": losses, "steps": log[-1]["step"], "gc": gc}
 
 
 def run_trl(a: argparse.Namespace, out: Path, counts: dict[str, int]) -> dict[str, Any]:

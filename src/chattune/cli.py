@@ -234,10 +234,12 @@ def serve(
     """An OpenAI-compatible API (/v1/chat/completions, /v1/models) around one model."""
     try:
         from chattune.serve import run_server
+        from chattune.serve.server import refuse_unsafe_bind
     except ImportError as e:
         raise ChattuneError(f"serving needs the serve extra: pip install 'chattune[serve]' ({e})") from None
     from chattune.infer.engine import load_engine
 
+    refuse_unsafe_bind(host, api_key, insecure)  # before the model load, which can take minutes
     engine = load_engine(model, adapter, template=template)
     run_server(engine, host=host, port=port, api_key=api_key, model_name=model_name, insecure=insecure)
 

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import re
+import reprlib
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from chattune.errors import ConfigError
 from chattune.registry import did_you_mean
@@ -78,6 +79,10 @@ class TrainConfig(BaseModel):
     output_dir: str = "runs/my-run"
     overwrite_output_dir: bool = Field(False, description="start afresh in a non-empty output_dir")
     resume: bool | str = Field("auto", description="auto | false | path to a checkpoint")
+    # training faults (issue 8): a NaN/inf loss stops the run unless a few such steps may be skipped
+    skip_nan_steps: int = Field(
+        0, ge=0, description="skip up to this many steps with a NaN/inf loss (not applied) before stopping"
+    )
     logging_steps: int = Field(10, gt=0)
     save_steps: int = Field(500, gt=0)
     eval_steps: int | None = Field(None, gt=0, description="defaults to save_steps when eval_file is set")
@@ -96,6 +101,14 @@ class TrainConfig(BaseModel):
     report_to: Literal["none", "tensorboard", "wandb"] = "none"
     deepspeed: str | None = Field(None, description="zero2 | zero3 | path to a DeepSpeed JSON")
 
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_numbers(cls, value: Any, info: Any) -> Any:
+        # pydantic reads true as 1, so `epochs: yes` or `lora_rank: on` would silently become 1
+        if isinstance(value, bool) and info.field_name in _NUMERIC_FIELDS:
+            raise ValueError(f"'{info.field_name}' must be a number, not {str(value).lower()}")
+        return value
+
     @model_validator(mode="after")
     def _combinations(self) -> TrainConfig:
         problems = []
@@ -110,7 +123,7 @@ class TrainConfig(BaseModel):
                 "samples packed into one row); set packing: false"
             )
         if isinstance(self.resume, str) and self.resume != "auto" and not self.resume.strip():
-            problems.append("resume must be auto, false or a checkpoint path")
+            problems.append("'resume' must be auto, false or a checkpoint path")
         if self.resume is True:
             self.resume = "auto"
         if problems:
@@ -122,6 +135,17 @@ class TrainConfig(BaseModel):
         missing = [k for k in keys if getattr(self, k) in (None, "")]
         if missing:
             raise ConfigError(f"the config must set {', '.join(missing)} for this command")
+
+
+_NUMERIC_FIELDS = {
+    name
+    for name, f in TrainConfig.model_fields.items()
+    if str(f.annotation) in ("<class 'int'>", "<class 'float'>", "int | None", "float | None")
+}
+# A wrong value quoted in a message stays short, even a 1 MB string or a YAML alias bomb of nested lists.
+_MAX_PROBLEMS = 8
+_repr = reprlib.Repr()
+_repr.maxstring, _repr.maxother, _repr.maxlevel, _repr.maxlist = 60, 60, 2, 4
 
 
 def parse_override(item: str) -> tuple[str, Any]:
@@ -136,54 +160,112 @@ def parse_override(item: str) -> tuple[str, Any]:
     return key.strip(), value
 
 
-def _explain(error: ValidationError, source: str) -> str:
+def _explain(error: ValidationError, source: str, lines: dict[str, int], given: dict[str, Any]) -> str:
     known = list(TrainConfig.model_fields)
-    parts = []
-    for e in error.errors():
-        key = ".".join(str(p) for p in e["loc"]) or "config"
+    parts: list[str] = []
+    by_key: dict[str, tuple[int, list[str]]] = {}
+    for e in error.errors(include_url=False):
+        key = ".".join(str(p) for p in e["loc"])
+        value = e.get("input")
+        at = f"line {lines[e['loc'][0]]}: " if e["loc"] and e["loc"][0] in lines else ""
         if e["type"] == "extra_forbidden":
-            parts.append(f"unknown key '{key}'.{did_you_mean(key, known)}")
+            # repr: a key may hold quotes or newlines, and the message stays one line
+            parts.append(f"{at}unknown key {_repr.repr(key)}.{did_you_mean(key, known)}")
         elif e["type"] == "literal_error":
             choices = re.findall(r"'([^']*)'|(\d+)", e["ctx"]["expected"])
             names = [a or b for a, b in choices]
-            hint = did_you_mean(str(e.get("input")), names)
-            parts.append(
-                f"'{key}' must be one of {', '.join(names)}, not {e.get('input')!r}.{hint}".rstrip(".")
-            )
+            hint = did_you_mean(value, names) if isinstance(value, str) else ""
+            parts.append(f"{at}'{key}' must be one of {', '.join(names)}, not {_repr.repr(value)}.{hint}")
         elif e["type"] == "value_error":
-            parts.append(e["msg"].removeprefix("Value error, "))
+            parts.append(at + e["msg"].removeprefix("Value error, "))
         else:
-            parts.append(f"'{key}': {e['msg']} (got {e.get('input')!r})")
-    return f"Invalid config {source}: " + "; ".join(parts) + "."
+            # Union fields (`resume: bool | str`, `lora_target: str | list[str]`) fail once per branch, at
+            # locations like 'resume.bool': name the key the user wrote, once, with every accepted kind.
+            top = str(e["loc"][0]) if e["loc"] else "config"
+            if top in by_key:
+                i, msgs = by_key[top]
+                if e["msg"] not in msgs:
+                    msgs.append(e["msg"])
+                    kinds = " or ".join([msgs[0]] + [m.removeprefix("Input should be ") for m in msgs[1:]])
+                    parts[i] = f"{at}'{top}': {kinds} (got {_repr.repr(given.get(top, value))})"
+                continue
+            by_key[top] = (len(parts), [e["msg"]])
+            parts.append(f"{at}'{top}': {e['msg']} (got {_repr.repr(given.get(top, value))})")
+    if len(parts) > _MAX_PROBLEMS:  # a wrong file (not a config at all) must not flood the terminal
+        parts[_MAX_PROBLEMS:] = [f"and {len(parts) - _MAX_PROBLEMS} more problems"]
+    # each part may end in '.' or '?' already (hints); join into one sentence-terminated paragraph
+    text = "; ".join(p.rstrip(".") for p in parts)
+    return f"Invalid config {source}: {text}" + ("" if text.endswith("?") else ".")
 
 
-def build_config(values: dict[str, Any], source: str = "") -> TrainConfig:
-    """Validate a mapping of config values into a TrainConfig, or raise one clear ConfigError."""
+def build_config(
+    values: dict[str, Any], source: str = "", lines: dict[str, int] | None = None
+) -> TrainConfig:
+    """Validate a mapping of config values into a TrainConfig, or raise one clear ConfigError.
+
+    `lines` maps keys to the line of `source` that set them, so messages can point there.
+    """
     try:
         return TrainConfig(**values)
     except ValidationError as e:
-        raise ConfigError(_explain(e, source)) from None
+        raise ConfigError(_explain(e, source, lines or {}, values)) from None
+    except RecursionError:  # pydantic walking a value nested thousands of levels deep
+        raise ConfigError(f"Invalid config {source}: a value is nested too deeply.") from None
+
+
+def _yaml_problem(e: yaml.YAMLError, text: str) -> str:
+    """A YAML error as one line: the line it is on, then what is wrong."""
+    mark = getattr(e, "problem_mark", None)
+    if mark is not None:
+        return f"at line {mark.line + 1}: {getattr(e, 'problem', None) or e}"
+    if isinstance(e, yaml.reader.ReaderError):  # a character YAML forbids (NUL, other control codes)
+        line = text.count("\n", 0, e.position) + 1
+        return f"at line {line}: {e.reason} (character #x{e.character:04x})"
+    return ": " + " ".join(str(e).split())
+
+
+def _key_lines(text: str, path: Path) -> dict[str, int]:
+    """Line of each top-level key; raise a ConfigError for a key written twice (YAML keeps the last, silently)."""
+    node = yaml.compose(text, Loader=yaml.SafeLoader)
+    lines: dict[str, int] = {}
+    if isinstance(node, yaml.MappingNode):
+        for key_node, _ in node.value:
+            key, line = str(key_node.value), key_node.start_mark.line + 1
+            if key in lines:
+                raise ConfigError(
+                    f"config file {path}: key '{key}' is set twice (lines {lines[key]} and {line}); keep one"
+                )
+            lines[key] = line
+    return lines
 
 
 def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
     """Defaults, then the YAML file, then `key=value` overrides."""
     values: dict[str, Any] = {}
+    lines: dict[str, int] = {}
     source = "(command line)"
     if path is not None:
         path = Path(path)
         source = str(path)
+        if path.is_dir():
+            raise ConfigError(f"config file {path} is a folder; expected a YAML file")
         if not path.is_file():
             raise ConfigError(f"config file {path} not found")
+        text = ""
         try:
-            loaded = yaml.safe_load(path.read_text(encoding="utf-8-sig"))
+            text = path.read_text(encoding="utf-8-sig")
+            loaded = yaml.safe_load(text)
+            lines = _key_lines(text, path)
         except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            where = f" at line {mark.line + 1}" if mark else ""
+            raise ConfigError(f"config file {path} is not valid YAML {_yaml_problem(e, text)}") from None
+        except UnicodeDecodeError as e:
             raise ConfigError(
-                f"config file {path} is not valid YAML{where}: {getattr(e, 'problem', e)}"
+                f"config file {path} is not UTF-8 text (undecodable byte at offset {e.start}); save it as UTF-8"
             ) from None
-        except UnicodeDecodeError:
-            raise ConfigError(f"config file {path} is not UTF-8 text") from None
+        except RecursionError:
+            raise ConfigError(f"config file {path} is nested too deeply to be a config") from None
+        except OSError as e:
+            raise ConfigError(f"config file {path} cannot be read: {e.strerror or e}") from None
         if loaded is None:
             loaded = {}
         if not isinstance(loaded, dict):
@@ -194,7 +276,8 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
     for item in overrides:
         key, value = parse_override(item)
         values[key] = value
-    return build_config(values, source)
+        lines.pop(key, None)  # the command line set it, not that line of the file
+    return build_config(values, source, lines)
 
 
 def save_config(cfg: TrainConfig, path: str | Path) -> None:

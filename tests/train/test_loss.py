@@ -48,3 +48,26 @@ def test_prefix_tuning_keeps_stock_path(tiny_model_dir):
         PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4),
     )
     assert split_backbone_and_head(model) is None
+
+
+def test_chunked_head_matches_full_logits_for_hidden_and_weight_gradients(monkeypatch):
+    from chattune.train import loss as loss_module
+
+    monkeypatch.setattr(loss_module, "HEAD_CHUNK", 7)  # several chunks and a ragged last one
+    torch.manual_seed(0)
+    head = torch.nn.Linear(16, 50, bias=False)
+    hidden = torch.randn(23, 16, requires_grad=True)
+    targets = torch.randint(0, 50, (23,))
+
+    ours = loss_module.head_cross_entropy(head, hidden, targets)
+    (ours * 0.5).backward()
+    ours_grads = hidden.grad.clone(), head.weight.grad.clone()
+    hidden.grad, head.weight.grad = None, None
+    stock = torch.nn.functional.cross_entropy(head(hidden), targets, reduction="sum")
+    (stock * 0.5).backward()
+
+    torch.testing.assert_close(ours, stock)
+    torch.testing.assert_close(ours_grads[0], hidden.grad)
+    torch.testing.assert_close(ours_grads[1], head.weight.grad)
+    with torch.no_grad():  # evaluation takes the gradient-free path, same value
+        torch.testing.assert_close(loss_module.head_cross_entropy(head, hidden, targets), stock)

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+import reprlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from chattune.data.readers import iter_records
+from chattune.data.readers import iter_records, value_problem
 from chattune.data.schema import Conversation, Message, Pair, Sample, SourceRecord, ToolCall
 from chattune.errors import ConfigError, DataFormatError
 from chattune.registry import Registry
@@ -17,6 +18,9 @@ Normaliser = Callable[[Any, "Where"], Sample]
 FORMATS: Registry[Normaliser] = Registry("data format", ConfigError)
 
 _MAX_EXAMPLES = 5
+# User values quoted in error messages stay short: a 1 MB role name must not become a 1 MB error.
+_repr = reprlib.Repr()
+_repr.maxstring, _repr.maxother, _repr.maxlevel = 60, 60, 3
 
 
 @dataclass
@@ -51,6 +55,10 @@ class ReadReport:
 # ---------------------------------------------------------------- helpers shared by normalisers
 
 
+def _short(value: Any) -> str:
+    return _repr.repr(value)
+
+
 def _obj(value: Any, where: Where, name: str | None = None) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise where.error(f"expected a JSON object, got {type(value).__name__}", name)
@@ -70,30 +78,45 @@ def _str(obj: dict[str, Any], key: str, where: Where, path: str, *, required: bo
 def _loss(obj: dict[str, Any], where: Where, path: str) -> bool | None:
     loss = obj.get("loss")
     if loss is not None and not isinstance(loss, bool):
-        raise where.error(f"expected true or false, got {json.dumps(loss)[:40]}", f"{path}loss")
+        raise where.error(f"expected true or false, got {_short(loss)}", f"{path}loss")
     return loss
+
+
+def _loads(text: str, where: Where, path: str, what: str = "") -> Any:
+    """JSON nested inside a string field (ShareGPT tools, OpenAI arguments), held to the reader's rules."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise where.error(f"{what}not valid JSON: {e.msg}", path) from None
+    except RecursionError:
+        raise where.error(f"{what}JSON nested too deeply", path) from None
+    except ValueError as e:  # e.g. an integer of more than 4300 digits
+        raise where.error(f"{what}not readable JSON: {e}", path) from None
+    if problem := value_problem(value):
+        inner = problem[1]
+        raise where.error(problem[0], path + ("." + inner if inner and not inner.startswith("[") else inner))
+    return value
 
 
 def _tools(obj: dict[str, Any], key: str, where: Where) -> list[Any] | None:
     tools = obj.get(key)
     if isinstance(tools, str) and tools.strip():  # ShareGPT stores tools as a JSON string
-        try:
-            tools = json.loads(tools)
-        except json.JSONDecodeError as e:
-            raise where.error(f"not valid JSON: {e.msg}", key) from None
-    if tools in (None, "", []):
+        tools = _loads(tools, where, key)
+    if tools is None or (isinstance(tools, (str, list)) and not tools):
         return None
     if not isinstance(tools, list):
         raise where.error(f"expected a list of tool definitions, got {type(tools).__name__}", key)
+    for i, tool in enumerate(tools):  # a JSON schema object, or a text description (ToolAlpaca)
+        if not isinstance(tool, (dict, str)):
+            raise where.error(
+                f"expected a tool definition (an object or a text), got {type(tool).__name__}", f"{key}[{i}]"
+            )
     return tools
 
 
 def _arguments(value: Any, where: Where, path: str) -> dict[str, Any]:
     if isinstance(value, str):
-        try:
-            value = json.loads(value) if value.strip() else {}
-        except json.JSONDecodeError as e:
-            raise where.error(f"tool arguments are not valid JSON: {e.msg}", path) from None
+        value = _loads(value, where, path, "tool arguments are ") if value.strip() else {}
     if value is None:
         return {}
     if not isinstance(value, dict):
@@ -146,10 +169,12 @@ def _conversations(value: Any, where: Where) -> Conversation:
             if "observation" in m:
                 out.append(Message("observation", observation_text(m["observation"]), tool_name=name))
         elif role in ("system", "user", "assistant", "observation"):
-            out.append(Message(role, _str(m, "content", where, p), loss, metadata=m.get("metadata") or ""))
+            metadata = _str(m, "metadata", where, p, required=False) or ""
+            out.append(Message(role, _str(m, "content", where, p), loss, metadata=metadata))
         else:
             raise where.error(
-                f"unknown role {role!r} (expected system, user, assistant, tool or observation)", f"{p}role"
+                f"unknown role {_short(role)} (expected system, user, assistant, tool or observation)",
+                f"{p}role",
             )
     return validate_conversation(Conversation(out, _tools(rec, "tools", where)), where)
 
@@ -179,7 +204,8 @@ def _alpaca(value: Any, where: Where) -> Conversation:
     msgs: list[Message] = []
     if system := _str(rec, "system", where, "", required=False):
         msgs.append(Message("system", system))
-    history = rec.get("history") or []
+    history = rec.get("history")
+    history = [] if history is None or history == "" else history
     if not isinstance(history, list):
         raise where.error("expected a list of [query, answer] pairs", "history")
     for i, turn in enumerate(history):
@@ -216,7 +242,7 @@ def _sharegpt(value: Any, where: Where) -> Conversation:
         role = _SHAREGPT_ROLES.get(who)
         if role is None:
             known = ", ".join(_SHAREGPT_ROLES)
-            raise where.error(f"unknown speaker {who!r} (expected one of {known})", f"{p}from")
+            raise where.error(f"unknown speaker {_short(who)} (expected one of {known})", f"{p}from")
         text = _str(t, "value", where, p)
         if role == "function_call":
             call = _arguments(text, where, f"{p}value")
@@ -245,8 +271,11 @@ def _openai(value: Any, where: Where) -> Conversation:
         role = _str(m, "role", where, p)
         loss = _loss(m, where, p)
         if role == "tool":
-            name = m.get("name") or call_names.get(m.get("tool_call_id", ""))
-            msgs.append(Message("observation", observation_text(m.get("content")), tool_name=name))
+            call_id = _str(m, "tool_call_id", where, p, required=False)
+            name = _str(m, "name", where, p, required=False) or call_names.get(call_id or "")
+            if m.get("content") is None:  # else "null" would be trained as the tool's answer
+                raise where.error("missing", f"{p}content")
+            msgs.append(Message("observation", observation_text(m["content"]), tool_name=name))
         elif role == "assistant" and m.get("tool_calls"):
             if content := _str(m, "content", where, p, required=False):
                 msgs.append(Message("assistant", content, loss))
@@ -265,7 +294,9 @@ def _openai(value: Any, where: Where) -> Conversation:
         elif role in ("system", "user", "assistant"):
             msgs.append(Message(role, _str(m, "content", where, p), loss))
         else:
-            raise where.error(f"unknown role {role!r} (expected system, user, assistant or tool)", f"{p}role")
+            raise where.error(
+                f"unknown role {_short(role)} (expected system, user, assistant or tool)", f"{p}role"
+            )
     return validate_conversation(Conversation(msgs, _tools(rec, "tools", where)), where, "messages")
 
 
@@ -332,6 +363,8 @@ def read_samples(
             continue
         report.formats[fmt] = report.formats.get(fmt, 0) + 1
         yield item, sample
+    if report.read == 0:  # an empty file is a wrong path or a failed export, never a data set
+        raise DataFormatError("the file holds no records (it is empty)", file=str(path))
 
 
 # ---------------------------------------------------------------- back to JSON

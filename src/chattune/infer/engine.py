@@ -85,7 +85,13 @@ def load_engine(
         from peft import PeftModel
 
         _check_prefix_length(Path(adapter), pre_seq_len)
-        net = PeftModel.from_pretrained(net, str(adapter))
+        try:
+            # peft reads adapter_model.safetensors, or a .bin only through torch.load(weights_only=True)
+            net = PeftModel.from_pretrained(net, str(adapter))
+        except (
+            Exception
+        ) as e:  # a corrupt, foreign or unsafe weights file: one clear message, not a traceback
+            raise ModelLoadError(f"could not load the adapter from {adapter}: {e}") from e
     net.config.use_cache = True
     if torch.cuda.is_available():
         net = net.to("cuda")

@@ -2,10 +2,19 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
 from chattune.errors import ModelLoadError
+from chattune.system import available_cores  # noqa: F401  (re-exported: callers import it from here)
+
+log = logging.getLogger("chattune.models")
+
+
+def _say_remote_code(what: str, path: str) -> None:
+    """Warn on every load that code shipped with a model may run (the one option that executes files)."""
+    log.warning("trust_remote_code is on: Python code shipped with %s (%s) may run", path, what)
 
 
 def resolve_path(name_or_path: str) -> str:
@@ -25,6 +34,9 @@ def load_tokenizer(model: str, tokenizer: str | None = None, trust_remote_code: 
     if Path(path).is_dir() and is_chatglm3_tokenizer_dir(path) and not trust_remote_code:
         return load_chatglm3_tokenizer(path)
     from transformers import AutoTokenizer
+
+    if trust_remote_code:
+        _say_remote_code("tokenizer", path)
 
     try:
         tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
@@ -56,16 +68,6 @@ def pick_precision(requested: str) -> str:
     return "bf16" if cpu_has_fast_bf16() else "fp32"
 
 
-def available_cores() -> int:
-    """The cores this process may run on (affinity-aware, so containers and taskset are respected)."""
-    import os
-
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
-
-
 def load_model(
     model: str,
     *,
@@ -88,7 +90,11 @@ def load_model(
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
     if precision == "fp16" and train_full_weights:
         dtype = torch.float32
-    kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": trust_remote_code}
+    # weights_only=True is transformers' default; passed anyway so that a `.bin` (pickle) checkpoint can never
+    # run code while loading, whatever a later default becomes. safetensors files are preferred when present.
+    kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": trust_remote_code, "weights_only": True}
+    if trust_remote_code:
+        _say_remote_code("model", path)
     if quantization_bit is not None:
         from transformers import BitsAndBytesConfig
 

@@ -59,7 +59,7 @@ class ServeLimits:
 
     max_body_bytes: int = 1 << 20
     max_messages: int = 256
-    max_pending: int = 64  # running + queued requests; beyond this the server answers 429
+    max_pending: int = 64  # admitted requests not yet answered in full; beyond this the server answers 429
     default_max_tokens: int = 512  # when a request gives no max_tokens (cut to what the context leaves)
     disconnect_poll_s: float = 0.25  # how often a non-streamed request checks that its client is still there
 
@@ -207,8 +207,20 @@ class _Runner:
         self.model = _RecordingModel(engine.model)
         self.engine = dataclasses.replace(engine, model=self.model)
         self.lock = asyncio.Lock()  # FIFO: waiters acquire in the order they asked
-        self.pending = 0
+        self.pending = 0  # admitted requests whose response has not finished (see `reserve`)
         self.running = False
+
+    def reserve(self, limit: int) -> _Slot | None:
+        """A place among at most `limit` admitted requests, or None when all are taken.
+
+        Taken at admission and held until the response has been sent in full: counting only from when
+        generation was queued let a burst of streamed requests past the limit, since a stream reaches the
+        queue only after its headers and first chunk are out.
+        """
+        if self.pending >= limit:
+            return None
+        self.pending += 1  # on the event loop thread only, so no lock is needed
+        return _Slot(self)
 
     def _work(self, job: _Job, cancel: threading.Event, post: Callable[[Any], None]) -> None:
         try:
@@ -222,40 +234,67 @@ class _Runner:
             post(e)
 
     async def pieces(self, job: _Job, cancel: threading.Event) -> AsyncIterator[str | _Done]:
-        """Text pieces as they are generated, then a `_Done`; the slot is held until the model is idle again."""
-        self.pending += 1
+        """Text pieces as they are generated, then a `_Done`; the model is held until it is idle again."""
+        async with self.lock:
+            if cancel.is_set():  # the client left while queued
+                return
+            loop = asyncio.get_running_loop()
+            queue: asyncio.Queue[Any] = asyncio.Queue()
+
+            def post(item: Any) -> None:
+                # RuntimeError: the event loop closed (server shut down), so nobody is listening
+                with contextlib.suppress(RuntimeError):
+                    loop.call_soon_threadsafe(queue.put_nowait, item)
+
+            thread = threading.Thread(target=self._work, args=(job, cancel, post), daemon=True)
+            self.running = True
+            thread.start()
+            try:
+                while True:
+                    item = await queue.get()
+                    if isinstance(item, Exception):
+                        raise item
+                    yield item
+                    if isinstance(item, _Done):
+                        return
+            finally:
+                # on disconnect or error: stop the model, and keep it until it has really stopped,
+                # so the next request never runs beside a generation that is still finishing
+                cancel.set()
+                with anyio.CancelScope(shield=True):
+                    await anyio.to_thread.run_sync(thread.join)
+                self.running = False
+
+
+class _Slot:
+    """One admitted request's place in the queue; released once, however the request ends."""
+
+    def __init__(self, runner: _Runner):
+        self.runner, self.held = runner, True
+
+    def release(self) -> None:
+        """Give the place back (again is a no-op)."""
+        if self.held:
+            self.held = False
+            self.runner.pending -= 1
+
+
+class _HeldEventSource(EventSourceResponse):
+    """An event stream that gives its slot back when the response ends: sent, failed or disconnected.
+
+    Releasing in `__call__` rather than in the event generator also covers a client that leaves before
+    the generator ever starts, when the generator's own cleanup would never run.
+    """
+
+    def __init__(self, slot: _Slot, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.slot = slot
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
-            async with self.lock:
-                if cancel.is_set():  # the client left while queued
-                    return
-                loop = asyncio.get_running_loop()
-                queue: asyncio.Queue[Any] = asyncio.Queue()
-
-                def post(item: Any) -> None:
-                    # RuntimeError: the event loop closed (server shut down), so nobody is listening
-                    with contextlib.suppress(RuntimeError):
-                        loop.call_soon_threadsafe(queue.put_nowait, item)
-
-                thread = threading.Thread(target=self._work, args=(job, cancel, post), daemon=True)
-                self.running = True
-                thread.start()
-                try:
-                    while True:
-                        item = await queue.get()
-                        if isinstance(item, Exception):
-                            raise item
-                        yield item
-                        if isinstance(item, _Done):
-                            return
-                finally:
-                    # on disconnect or error: stop the model, and keep the slot until it has really stopped,
-                    # so the next request never runs beside a generation that is still finishing
-                    cancel.set()
-                    with anyio.CancelScope(shield=True):
-                        await anyio.to_thread.run_sync(thread.join)
-                    self.running = False
+            await super().__call__(scope, receive, send)
         finally:
-            self.pending -= 1
+            self.slot.release()
 
 
 class _StopScanner:
@@ -390,15 +429,17 @@ class _Service:
         tools = bool(body.tools) and body.tool_choice != "none"
         return _Job(ids, sampling, stops, tools, include_usage)
 
-    def admit(self) -> None:
-        """Refuse work when the queue is full, before any response has started."""
-        if self.runner.pending >= self.limits.max_pending:
+    def admit(self) -> _Slot:
+        """A place in the queue, or 429 when it is full (before any response has started)."""
+        slot = self.runner.reserve(self.limits.max_pending)
+        if slot is None:
             raise APIError(
                 429,
                 f"the server is busy ({self.runner.pending} requests waiting)",
                 type="rate_limit_error",
                 code="busy",
             )
+        return slot
 
     def reply(self, job: _Job, raw: str, final: bool = True) -> tuple[str | None, list[ToolCall]]:
         """Content and tool calls of a raw reply; without tools offered, call-like text stays text."""
@@ -584,13 +625,19 @@ def create_app(
     @app.post("/v1/chat/completions", response_model=None)
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         """OpenAI chat completions, streamed (server-sent events) or whole."""
-        job = await run_in_threadpool(
-            service.prepare, body
-        )  # tokenising a long prompt should not block /health
-        service.admit()
-        if body.stream:
-            return EventSourceResponse(service.events(job), sep="\n")
-        completion = await service.complete(job, request)
+        # admitted before tokenising, so a flood of long prompts is turned away before it costs CPU
+        slot: _Slot | None = service.admit()
+        try:
+            # in a thread: tokenising a long prompt should not block /health
+            job = await run_in_threadpool(service.prepare, body)
+            if body.stream:
+                response = _HeldEventSource(slot, service.events(job), sep="\n")
+                slot = None  # the response releases it once sent
+                return response
+            completion = await service.complete(job, request)
+        finally:
+            if slot is not None:
+                slot.release()
         return JSONResponse(completion.model_dump(mode="json"))
 
     return app

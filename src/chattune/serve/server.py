@@ -23,20 +23,26 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def check_exposure(host: str, api_key: str | None, insecure: bool) -> None:
-    """Warn when binding beyond loopback; refuse to do so without an API key unless `insecure`."""
-    if is_loopback(host):
-        return
-    print(
-        f"warning: serving on {host}, reachable from other machines"
-        + ("" if api_key else " WITHOUT an API key: anyone who can connect can use the model"),
-        file=sys.stderr,
-    )
-    if api_key is None and not insecure:
+def refuse_unsafe_bind(host: str, api_key: str | None, insecure: bool) -> None:
+    """Raise before anything loads when the bind would expose the model without a key (and no --insecure)."""
+    if api_key is not None and not api_key.strip():
+        raise ConfigError("the API key is empty")
+    if not is_loopback(host) and api_key is None and not insecure:
         raise ConfigError(
             f"refusing to serve on {host} without an API key: pass --api-key (or set CHATTUNE_API_KEY), "
             "bind to 127.0.0.1, or pass --insecure to accept the risk"
         )
+
+
+def check_exposure(host: str, api_key: str | None, insecure: bool) -> None:
+    """Warn when binding beyond loopback; refuse to do so without an API key unless `insecure`."""
+    if not is_loopback(host):
+        print(
+            f"warning: serving on {host}, reachable from other machines"
+            + ("" if api_key else " WITHOUT an API key: anyone who can connect can use the model"),
+            file=sys.stderr,
+        )
+    refuse_unsafe_bind(host, api_key, insecure)
 
 
 def build_server(app: FastAPI, host: str, port: int, log_level: str = "info") -> uvicorn.Server:
@@ -60,8 +66,6 @@ def run_server(
     log_level: str = "info",
 ) -> None:
     """Serve `engine` until interrupted; `model_name` (default: the engine's name) is what clients ask for."""
-    if api_key is not None and not api_key.strip():
-        raise ConfigError("the API key is empty")
     check_exposure(host, api_key, insecure)
     name = model_name or engine.name
     app = create_app(engine, model_name=name, api_key=api_key, limits=limits)

@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from chattune.errors import ConfigError, DataFormatError
+from chattune.data.readers import check_file
+from chattune.errors import ChattuneError, ConfigError, DataFormatError
 from chattune.registry import Registry
 
 MAX_SKIPPED_EXAMPLES = 5  # enough to see the pattern without flooding the terminal
@@ -60,20 +61,23 @@ def run_converter(kind: str, source: str | Path, output: str | Path, **options: 
         known = ", ".join(allowed) or "none"
         raise ConfigError(f"converter '{kind}' has no option {', '.join(unknown)} (options: {known})")
     source, output = Path(source), Path(output)
-    if not source.is_file():
-        raise DataFormatError("file not found", file=str(source))
+    check_file(source)
     if output.exists() and (output.is_dir() or output.resolve() == source.resolve()):
         raise ConfigError(
             f"output {output} must be a new file, not {'a folder' if output.is_dir() else 'the input'}"
         )
-    output.parent.mkdir(parents=True, exist_ok=True)
-
     stats = ConvertStats()
     # A temp file in the same folder, renamed over the output at the end: readers never see half a file,
     # and an error or Ctrl-C leaves any previous output untouched. os.open with 0o666 honours the umask,
     # unlike tempfile's 0o600.
     tmp = output.parent / f".{output.name}.{uuid.uuid4().hex[:8]}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    except OSError as e:  # a file where a folder should be, no permission, read-only disk
+        blocker = next((p for p in output.parents if p.exists() and not p.is_dir()), None)
+        reason = f"{blocker} is a file, not a folder" if blocker else e.strerror or str(e)
+        raise ConfigError(f"cannot write output {output}: {reason}") from None
     try:
         with open(fd, "w", encoding="utf-8", newline="\n") as f:
             for record in convert(source, stats, **options):
@@ -81,7 +85,12 @@ def run_converter(kind: str, source: str | Path, output: str | Path, **options: 
                 stats.written += 1
             f.flush()
             os.fsync(f.fileno())
+        if stats.read == 0:  # an empty input is a wrong path or a failed export, not an empty data set
+            raise DataFormatError("holds no records to convert", file=str(source))
         os.replace(tmp, output)
+    except OSError as e:  # disk full, or the input vanished or became unreadable midway
+        tmp.unlink(missing_ok=True)
+        raise ChattuneError(f"converting {source} to {output} failed: {e.strerror or e}") from None
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

@@ -12,10 +12,13 @@ from typing import Any
 import yaml
 
 from chattune.data.converters import CONVERTERS, ConvertStats
+from chattune.data.readers import bad_utf8_position, sniff_encoding
 from chattune.data.schema import ROLES
 from chattune.errors import ConfigError, DataFormatError
 
 _MESSAGE_KEYS = {"role", "content", "loss"}
+# csv's default cell limit is 128 KiB; long documents in one cell are real data, not an error.
+_FIELD_LIMIT = 2**31 - 1
 
 
 @dataclass
@@ -68,7 +71,12 @@ def load_mapping(path: Path) -> list[_Template]:
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError(f"cannot read mapping file {path}: {e}") from None
     except yaml.YAMLError as e:
-        raise ConfigError(f"mapping file {path} is not valid YAML: {e}") from None
+        mark = getattr(e, "problem_mark", None)
+        at = f" at line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or " ".join(str(e).split())  # one line, not PyYAML's excerpt
+        raise ConfigError(f"mapping file {path} is not valid YAML{at}: {problem}") from None
+    except RecursionError:
+        raise ConfigError(f"mapping file {path} is nested too deeply to be a mapping") from None
     if not isinstance(data, dict) or not isinstance(data.get("messages"), list) or not data["messages"]:
         raise ConfigError(
             f"mapping file {path}: expected `messages:` with a list of {{role, content}} entries"
@@ -125,6 +133,12 @@ def convert_csv(
     mapping = Path(mapping)
     templates = load_mapping(mapping)
     file = str(source)
+    with source.open("rb") as f:
+        head = f.read(4)
+    if encoding := sniff_encoding(head):
+        raise DataFormatError(f"file is {encoding} encoded; save it as UTF-8", file=file, line=1)
+    if csv.field_size_limit() < _FIELD_LIMIT:
+        csv.field_size_limit(_FIELD_LIMIT)
     # newline="" lets the csv module keep newlines inside quoted cells; utf-8-sig drops Excel's BOM.
     with source.open(encoding="utf-8-sig", newline="") as f:
         reader = csv.reader(f, delimiter=delimiter)
@@ -167,8 +181,10 @@ def convert_csv(
         except csv.Error as e:
             raise DataFormatError(f"unreadable CSV: {e}", file=file, line=reader.line_num) from None
         except UnicodeDecodeError as e:
-            # The text layer decodes ahead in blocks, so only "somewhere after line N" is known.
+            # The text layer decodes ahead in blocks, so the reader's line is not the bad byte's: find it.
+            at = bad_utf8_position(source)
             raise DataFormatError(
-                f"not valid UTF-8 after line {reader.line_num} ({e.reason}); is it GBK? save it as UTF-8",
+                f"not valid UTF-8{f' at byte {at[1]}' if at else ''} ({e.reason}); is it GBK? save it as UTF-8",
                 file=file,
+                line=at[0] if at else None,
             ) from None

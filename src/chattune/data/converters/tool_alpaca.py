@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from chattune.data.converters import CONVERTERS, ConvertStats
-from chattune.data.readers import iter_records
+from chattune.data.readers import iter_records, value_problem
 from chattune.errors import DataFormatError
 
 
@@ -65,6 +65,12 @@ def _instance(inst: Any, tools: list[str], path: str) -> dict[str, Any]:
             parameters = json.loads(action_input)
         except json.JSONDecodeError as e:
             raise _Bad(f"action input is not valid JSON: {e.msg}", sp + "[0][1]") from None
+        except RecursionError:
+            raise _Bad("action input is JSON nested too deeply", sp + "[0][1]") from None
+        except ValueError as e:  # e.g. an integer of more than 4300 digits
+            raise _Bad(f"action input is not readable JSON: {e}", sp + "[0][1]") from None
+        if problem := value_problem(parameters):  # too deep for templates, or a lone surrogate
+            raise _Bad(problem[0], sp + "[0][1]")
         if not isinstance(parameters, dict):
             raise _Bad(f"action input must be a JSON object, got {type(parameters).__name__}", sp + "[0][1]")
         messages.append({"role": "assistant", "content": _thought(thought)})

@@ -102,6 +102,8 @@ class HFChatTemplate:
         self.raw = RawTemplate(tokenizer, limits)
         self.native_tools, self.native_calls = self._probe_tool_support()
         self._stop_ids: list[int] | None = None
+        self._special: tuple[str, ...] | None = None
+        self._jinja = _DirectRenderer.if_equivalent(tokenizer, self.native_tools, self.native_calls)
 
     def _probe_tool_support(self) -> tuple[bool, bool]:
         """Whether the chat template renders tool definitions and tool calls itself (checked by rendering)."""
@@ -129,6 +131,8 @@ class HFChatTemplate:
 
     def _render(self, conv: Conversation, messages: list[dict[str, Any]], generation: bool) -> str:
         tools = conv.tools if self.native_tools else None
+        if self._jinja is not None:
+            return self._jinja.render(messages, tools, generation)
         return self.tok.apply_chat_template(
             messages, tools=tools, tokenize=False, add_generation_prompt=generation
         )
@@ -144,7 +148,8 @@ class HFChatTemplate:
                 continue
             j = i + offset
             before = self._render(conv, msgs[:j], True) if j else ""
-            upto = self._render(conv, msgs[: j + 1], False)
+            # rendering is most of the encoding time: the last message's prefix is the whole text
+            upto = text if j + 1 == len(msgs) else self._render(conv, msgs[: j + 1], False)
             if not (upto.startswith(before) and text.startswith(upto)):
                 raise ConfigError(
                     f"the chat template of {self.tok.name_or_path} renders a conversation differently from its "
@@ -157,8 +162,9 @@ class HFChatTemplate:
 
     def _ends_turn(self, text: str) -> bool:
         # trailing whitespace after an end-of-turn token is layout, not something to learn
-        stripped = text.rstrip()
-        return any(stripped.endswith(t) for t in self.tok.all_special_tokens if t)
+        if self._special is None:  # the tokenizer rebuilds this list on every access
+            self._special = tuple(t for t in self.tok.all_special_tokens if t)
+        return text.rstrip().endswith(self._special)
 
     def encode(self, sample: Sample) -> Encoded:
         """Ids and labels; every token that starts inside a learnt span is a target."""
@@ -179,8 +185,9 @@ class HFChatTemplate:
     def _tokenize(self, text: str, spans: list[tuple[int, int]]) -> tuple[list[int], list[int]]:
         """Token ids and each token's start character (fast tokenizers give offsets directly)."""
         if getattr(self.tok, "is_fast", False):
-            enc = self.tok(text, add_special_tokens=False, return_offsets_mapping=True)
-            return enc["input_ids"], [s for s, _ in enc["offset_mapping"]]
+            # the Rust tokenizer directly: the same ids and offsets without the Python wrapper's per-call cost
+            enc = self.tok.backend_tokenizer.encode(text, add_special_tokens=False)
+            return enc.ids, [s for s, _ in enc.offsets]
         # slow tokenizers: encode the text piecewise at span boundaries so no token straddles one
         cuts = sorted({0, len(text), *[c for span in spans for c in span]})
         ids, starts = [], []
@@ -210,3 +217,65 @@ class HFChatTemplate:
         if learnt and learnt[-1] in self.tok.all_special_ids:
             ids.add(learnt[-1])
         return sorted(i for i in ids if i is not None)
+
+
+class _DirectRenderer:
+    """The tokenizer's compiled chat template called directly, skipping `apply_chat_template`'s per-call work.
+
+    Encoding renders every conversation several times (once per trained turn's prefix), and the wrapper
+    around the Jinja call (normalising and deep-copying messages, looking the template up) cost as much as
+    the rendering itself. It is used only when it renders probe conversations exactly as
+    `apply_chat_template` does, and never for templates transformers cannot hand out compiled.
+    """
+
+    def __init__(self, tokenizer: Any, compile_template: Any):
+        self.variables = dict(tokenizer.special_tokens_map)
+        self.plain = compile_template(tokenizer.get_chat_template())
+        try:
+            self.with_tools = compile_template(tokenizer.get_chat_template(None, tools=[{}]))
+        except ValueError:  # a named-template tokenizer without a tool_use one
+            self.with_tools = self.plain
+
+    def render(self, messages: list[dict[str, Any]], tools: list[Any] | None, generation: bool) -> str:
+        """The text `apply_chat_template(messages, tools=tools, add_generation_prompt=generation)` gives."""
+        template = self.plain if tools is None else self.with_tools
+        return template.render(
+            messages=messages, tools=tools, documents=None, add_generation_prompt=generation, **self.variables
+        )
+
+    @classmethod
+    def if_equivalent(cls, tokenizer: Any, native_tools: bool, native_calls: bool) -> _DirectRenderer | None:
+        """A direct renderer when it provably matches `apply_chat_template` on probe conversations, else None."""
+        try:
+            from transformers.utils.chat_template_utils import _compile_jinja_template
+
+            direct = cls(tokenizer, _compile_jinja_template)
+        except Exception:  # a private helper that may move between transformers versions: fall back
+            return None
+        conv = [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "Hi there"},
+            {"role": "assistant", "content": "Hello!"},
+            {"role": "user", "content": "And now?"},
+        ]
+        if native_calls:
+            call = {"type": "function", "function": {"name": "lookup", "arguments": {"q": "x"}}}
+            conv += [
+                {"role": "assistant", "content": "", "tool_calls": [call]},
+                {"role": "tool", "content": "1"},
+            ]
+        tools = [{"type": "function", "function": {"name": "lookup", "parameters": {"type": "object"}}}]
+        for probe_tools in [None, tools] if native_tools else [None]:
+            for n, gen in itertools.product(range(1, len(conv) + 1), (False, True)):
+                try:
+                    want = tokenizer.apply_chat_template(
+                        conv[:n], tools=probe_tools, tokenize=False, add_generation_prompt=gen
+                    )
+                except Exception:  # templates that reject some prefixes (e.g. strict role order)
+                    continue
+                try:
+                    if direct.render(conv[:n], probe_tools, gen) != want:
+                        return None
+                except Exception:  # the direct call failed where the wrapper did not
+                    return None
+        return direct
