@@ -19,9 +19,9 @@ import pyarrow as pa
 
 from chattune import __version__
 from chattune.data.formats import ReadReport, read_samples
+from chattune.data.readers import check_file
 from chattune.data.schema import Sample
 from chattune.data.templates import Encoded, Template
-from chattune.errors import DataFormatError
 from chattune.system import available_cores
 
 # bump when encoding changes in a way old caches must not be reused for
@@ -201,8 +201,7 @@ def encode_file(
     """The encoded dataset for a file (from the cache when this exact preprocessing ran before) and its stats."""
     path = Path(path)
     stats = DataStats(file=str(path))
-    if not path.is_file():
-        raise DataFormatError("file not found", file=str(path))
+    check_file(path, "data file")
     key = cache_key(path, template, tokenizer, {"format": fmt, "on_bad_record": on_bad_record})
     base = cache_dir or Path(tempfile.gettempdir()) / "chattune-data"
     arrow, meta = base / f"{key}.arrow", base / f"{key}.stats.json"
