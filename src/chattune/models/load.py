@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import Any
 
 from chattune.errors import ModelLoadError
-from chattune.system import available_cores  # noqa: F401  (re-exported: callers import it from here)
 
 log = logging.getLogger("chattune.models")
 

@@ -1,12 +1,17 @@
-"""Guards around a training run: Ctrl-C saves and stops, a NaN/inf loss stops, the output dir is writable."""
+"""Guards around a training run: Ctrl-C saves and stops, a NaN/inf loss stops (or skips), checkpoints are
+checked before a resume trusts them, and the output dir is writable."""
 
 from __future__ import annotations
 
+import json
 import math
 import os
+import re
 import shutil
 import signal
+import struct
 import tempfile
+import zipfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -16,24 +21,68 @@ from transformers import TrainerCallback
 
 from chattune.errors import ChattuneError, ConfigError
 
+CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+WEIGHTS_RE = re.compile(r"^(adapter_model|model|pytorch_model)(-\d+-of-\d+)?\.(safetensors|bin)$")
+CORRUPT = ".corrupt"  # checkpoints that failed the check are moved here, never deleted
+
 
 class StopRequest(TrainerCallback):
-    """Ends training at the next step boundary, saving a checkpoint first (first Ctrl-C, or a bad loss)."""
+    """Ends training at the next step boundary: a first Ctrl-C saves a checkpoint first; a NaN/inf loss
+    stops without one (after `max_bad_steps` skipped steps, when skipping is configured)."""
 
-    def __init__(self) -> None:
+    def __init__(self, max_bad_steps: int = 0, console: Any = None) -> None:
         self.interrupted = False
         self.bad_loss: tuple[int, float] | None = None
+        self.max_bad_steps, self.console = max_bad_steps, console
+        self.skipped: list[int] = []
+        self._step_loss: float | None = None  # the first non-finite micro-batch loss of the current step
+
+    def note_loss(self, loss: Any) -> None:
+        """Called by the trainer with every micro-batch loss; remembers a non-finite one for this step."""
+        value = float(loss.detach().float().mean()) if hasattr(loss, "detach") else float(loss)
+        if not math.isfinite(value) and self._step_loss is None:
+            self._step_loss = value
+
+    def on_pre_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
+        bad = self._step_loss is not None
+        if args.world_size > 1:  # every process must take the same decision, or they stop out of step
+            import torch
+            import torch.distributed as dist
+
+            if dist.is_available() and dist.is_initialized():
+                flag = torch.tensor([1.0 if bad else 0.0], device=args.device)
+                dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+                if flag.item() and not bad:
+                    self._step_loss = float("nan")  # another process saw it; its value is not shared
+                bad = bool(flag.item())
+        if bad and optimizer is not None:
+            # without gradients the optimizer leaves these weights (and their Adam moments) untouched
+            for group in optimizer.param_groups:
+                for p in group["params"]:
+                    p.grad = None
 
     def on_step_end(self, args, state, control, **kwargs):
+        if self._step_loss is not None:
+            value, self._step_loss = self._step_loss, None
+            if len(self.skipped) < self.max_bad_steps:
+                self.skipped.append(state.global_step)
+                if self.console is not None and state.is_world_process_zero:
+                    self.console.print(
+                        f"[yellow]step {state.global_step}: the loss is {value}; this step was skipped "
+                        f"({len(self.skipped)} of skip_nan_steps: {self.max_bad_steps})[/]",
+                        highlight=False,
+                    )
+            elif self.bad_loss is None:
+                self.bad_loss = (state.global_step, value)
+                control.should_training_stop = True
+                # nothing after a bad step may be written: checkpoint, eval and best/ would all hold its weights
+                control.should_save = False
+                control.should_evaluate = False
+                return control
         if self.interrupted:
             control.should_save = True
             control.should_training_stop = True
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        loss = (logs or {}).get("loss")
-        if loss is not None and not math.isfinite(loss) and self.bad_loss is None:
-            self.bad_loss = (state.global_step, loss)
-            control.should_training_stop = True  # no checkpoint: its weights are already poisoned
+        return control
 
 
 @contextmanager
@@ -83,17 +132,141 @@ def checkpoint_bytes(model: Any, save_total_limit: int | None) -> int:
     return trainable * 3 * kept
 
 
+# ---------------------------------------------------------------------------------------------- checkpoints
+def _safetensors_problem(path: Path) -> str | None:
+    # the header states every tensor's byte range, so a truncated or padded file shows without loading it
+    try:
+        with path.open("rb") as f:
+            (size,) = struct.unpack("<Q", f.read(8))
+            if size > path.stat().st_size:
+                return f"{path.name} is truncated"
+            header = json.loads(f.read(size))
+    except (OSError, struct.error, ValueError, UnicodeDecodeError):
+        return f"{path.name} is unreadable"
+    ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__" and isinstance(v, dict)]
+    if 8 + size + max(ends, default=0) != path.stat().st_size:
+        return f"{path.name} is truncated"
+    return None
+
+
+def _torch_file_problem(path: Path) -> str | None:
+    # torch.save writes a zip whose directory sits at the end: a cut-off file has none
+    try:
+        with zipfile.ZipFile(path) as z:
+            z.infolist()
+    except (OSError, zipfile.BadZipFile):
+        return f"{path.name} is truncated or unreadable"
+    return None
+
+
+def checkpoint_problem(path: Path) -> str | None:
+    """Why a checkpoint dir cannot be resumed from (missing or truncated files), or None when it is complete."""
+    path = Path(path)
+    state = path / "trainer_state.json"
+    if not state.is_file():
+        return "trainer_state.json is missing"
+    try:
+        json.loads(state.read_text(encoding="utf-8"))["global_step"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return "trainer_state.json is unreadable"
+    weights = [p for p in path.iterdir() if p.is_file() and WEIGHTS_RE.match(p.name)]
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            shards = set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values())
+        except (OSError, ValueError, KeyError, AttributeError):
+            return f"{index.name} is unreadable"
+        missing = sorted(s for s in shards if not (path / s).is_file())
+        if missing:
+            return f"{missing[0]} is missing"
+    deepspeed = any(p.name.startswith("global_step") and p.is_dir() for p in path.iterdir())
+    if not weights and not deepspeed:
+        return "no weights file (adapter_model.safetensors, model.safetensors) is in it"
+    needed = [] if deepspeed else ["optimizer.pt", "scheduler.pt"]  # DeepSpeed keeps these in global_step*/
+    for name in needed:
+        if not (path / name).is_file():
+            return f"{name} is missing"
+    rng = sorted(path.glob("rng_state*.pth"))
+    if not rng:
+        return "rng_state.pth is missing"
+    for p in weights:
+        problem = _safetensors_problem(p) if p.suffix == ".safetensors" else _torch_file_problem(p)
+        if problem:
+            return problem
+    for p in [path / n for n in needed] + rng:
+        problem = _torch_file_problem(p)
+        if problem:
+            return problem
+    return None
+
+
+def checkpoints_newest_first(out: Path) -> list[Path]:
+    """The checkpoint-N dirs of `out`, highest step first."""
+    if not out.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in out.iterdir() if (m := CHECKPOINT_RE.match(p.name)) and p.is_dir()]
+    return [p for _, p in sorted(found, reverse=True)]
+
+
+def last_good_checkpoint(out: Path) -> Path | None:
+    """The newest checkpoint that passes `checkpoint_problem`, or None."""
+    return next((p for p in checkpoints_newest_first(out) if checkpoint_problem(p) is None), None)
+
+
+def find_resume_checkpoint(out: Path, console: Any = None, move_aside: bool = True) -> Path | None:
+    """The newest complete checkpoint; newer broken ones are reported and (on rank 0) moved to .corrupt/."""
+    for path in checkpoints_newest_first(out):
+        problem = checkpoint_problem(path)
+        if problem is None:
+            return path
+        where = ""
+        if move_aside:
+            # out of the way of get_last_checkpoint and checkpoint rotation, but kept for a look
+            target = out / CORRUPT / path.name
+            shutil.rmtree(target, ignore_errors=True)
+            target.parent.mkdir(exist_ok=True)
+            os.replace(path, target)
+            where = f"; moved to {target}"
+        if console is not None:
+            console.print(
+                f"[yellow]Warning: {path.name} cannot be resumed from ({problem}){where}; trying the one "
+                "before it[/]",
+                highlight=False,
+            )
+    return None
+
+
+def _last_words(out: Path) -> str:
+    last = last_good_checkpoint(out)
+    return f"the last good checkpoint is {last}" if last else "no checkpoint was written yet"
+
+
+def save_failed(what: str, out: Path, error: BaseException) -> ChattuneError:
+    """The error for a save that failed mid-run: what was being saved, why, and what is still there."""
+    if isinstance(error, OSError):
+        reason = error.strerror or str(error)
+        reason += f" ({error.filename})" if error.filename else ""
+    else:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return ChattuneError(
+        f"training stopped: saving {what} failed: {reason}; {_last_words(out)}. Free some disk space or fix "
+        "the output_dir permissions, then run the same command to resume."
+    )
+
+
 def raise_if_stopped(stop: StopRequest, out: Path) -> None:
     """After `train()`: explain a NaN stop or an interrupt, naming the checkpoint to resume from."""
-    from transformers.trainer_utils import get_last_checkpoint
-
-    last = get_last_checkpoint(str(out)) if out.is_dir() else None
-    where = f"the last good checkpoint is {last}" if last else "no checkpoint was written yet"
+    where = _last_words(out)
     if stop.bad_loss is not None:
         step, value = stop.bad_loss
         raise ChattuneError(
             f"training stopped: the loss became {value} at step {step}; {where}. Lower learning_rate, or check "
-            "the data (data check shows every token and label)."
+            "the data (data check shows every token and label); skip_nan_steps: N skips up to N such steps."
         )
     if stop.interrupted:
         raise ChattuneError(f"training interrupted; {where}. Run the same command to resume (resume: auto).")
+
+
+def interrupted_at_once_message(out: Path) -> str:
+    """What a second Ctrl-C leaves behind."""
+    return f"Stopped at once; {_last_words(out)}. Run the same command to resume."

@@ -17,37 +17,76 @@ from chattune.errors import ConfigError
 DEEPSPEED_PRESETS = ("zero2", "zero3")
 
 
-def prepare_output_dir(cfg: TrainConfig) -> str | None:
+# what a run of ours writes before its first checkpoint; a dir holding only these was killed early
+RUN_FILES = {"config.yaml", "trainer_log.jsonl", "loss.png", "best"}
+
+
+def recover_leftovers(out: Path) -> None:
+    """Undo what a killed save left behind: .staging/, half-written .X.tmp dirs, and .X.old dirs whose
+    replacement never moved into place (replace_dir was killed between its two renames)."""
+    from chattune.train.trainer import STAGING
+
+    shutil.rmtree(out / STAGING, ignore_errors=True)  # a checkpoint that never finished writing
+    for child in out.iterdir():
+        if not (child.name.startswith(".") and child.is_dir()):
+            continue
+        if child.name.endswith(".tmp"):
+            shutil.rmtree(child, ignore_errors=True)
+        elif child.name.endswith(".old"):
+            current = out / child.name[1 : -len(".old")]
+            if current.exists():
+                shutil.rmtree(child, ignore_errors=True)
+            else:
+                os.replace(child, current)  # the complete previous version is better than none
+
+
+def prepare_output_dir(cfg: TrainConfig, console: Console | None = None) -> str | None:
     """Check the output dir and decide where to resume from; returns a checkpoint path or None."""
-    from transformers.trainer_utils import get_last_checkpoint
+    from chattune.train.guards import checkpoint_problem, find_resume_checkpoint
 
     out = Path(cfg.output_dir)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"output_dir {out} exists and is not a directory")
+    explicit = isinstance(cfg.resume, str) and cfg.resume != "auto"
     if int(os.environ.get("RANK", "0")) != 0:
         # under torchrun only rank 0 checks and cleans the dir; the others reach the same decision read-only
         if cfg.overwrite_output_dir:
             return None
-        if isinstance(cfg.resume, str) and cfg.resume != "auto":
+        if explicit:
             return cfg.resume
-        return get_last_checkpoint(str(out)) if cfg.resume == "auto" and out.is_dir() else None
+        if cfg.resume == "auto":
+            found = find_resume_checkpoint(out, move_aside=False)
+            return str(found) if found else None
+        return None
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise ConfigError(f"output_dir {out} cannot be created: {e.strerror or e}") from None
-    shutil.rmtree(out / ".staging", ignore_errors=True)  # a checkpoint that never finished writing
     if cfg.overwrite_output_dir:
         for child in out.iterdir():
             shutil.rmtree(child) if child.is_dir() else child.unlink()
         return None
-    if isinstance(cfg.resume, str) and cfg.resume != "auto":
+    recover_leftovers(out)
+    if explicit:
         if not Path(cfg.resume).is_dir():
             raise ConfigError(f"resume: {cfg.resume} is not a checkpoint directory")
+        problem = checkpoint_problem(Path(cfg.resume))
+        if problem:
+            raise ConfigError(f"resume: {cfg.resume} cannot be resumed from: {problem}")
         return cfg.resume
-    last = get_last_checkpoint(str(out)) if cfg.resume == "auto" else None
-    if last is not None:
-        return last
-    if any(out.iterdir()):
+    if cfg.resume == "auto":
+        found = find_resume_checkpoint(out, console)
+        if found is not None:
+            return str(found)
+    visible = {p.name for p in out.iterdir() if not p.name.startswith(".")}
+    if cfg.resume == "auto" and visible and visible <= RUN_FILES:
+        # a run of ours killed before its first checkpoint: nothing to keep, so start it again
+        if console is not None:
+            console.print("No checkpoint from the earlier run in this output_dir: starting afresh")
+        for name in visible:
+            shutil.rmtree(out / name) if (out / name).is_dir() else (out / name).unlink()
+        return None
+    if visible:
         done = " (it holds a finished run)" if (out / "final").exists() else ""
         raise ConfigError(
             f"output_dir {out} is not empty{done} and has no checkpoint to resume from; set "
@@ -105,7 +144,7 @@ def training_arguments(cfg: TrainConfig, precision: str) -> Any:
         bf16=precision == "bf16",
         fp16=precision == "fp16",
         use_cpu=not torch.cuda.is_available(),
-        optim="adamw_torch_fused" if torch.cuda.is_available() else "adamw_torch",
+        optim="adamw_torch_fused",  # one kernel for all parameters, on CUDA and (torch >= 2.4) CPU alike
         gradient_checkpointing=cfg.gradient_checkpointing,
         report_to=[] if cfg.report_to == "none" else [cfg.report_to],
         deepspeed=deepspeed_config(cfg.deepspeed),
@@ -113,7 +152,7 @@ def training_arguments(cfg: TrainConfig, precision: str) -> Any:
         remove_unused_columns=False,
         train_sampling_strategy="group_by_length" if cfg.group_by_length else "random",
         prediction_loss_only=True,
-        logging_nan_inf_filter=False,  # a NaN must reach the log, where StopRequest ends the run
+        logging_nan_inf_filter=False,  # the log shows a NaN as it is; StopRequest checks every loss itself
         dataloader_num_workers=0,
         save_only_model=False,
     )
@@ -151,21 +190,25 @@ def run_training(cfg: TrainConfig, console: Console | None = None) -> Path:
     from chattune.data.batching import PackedCollator, PadCollator
     from chattune.data.check import print_sanity, print_stats
     from chattune.data.prepare import encode_split, template_for
-    from chattune.models.load import available_cores, load_model, load_tokenizer, pick_precision
+    from chattune.models.load import load_model, load_tokenizer, pick_precision
     from chattune.models.methods import apply_method, describe_trainable
+    from chattune.system import available_cores
     from chattune.train.callbacks import RunLogCallback, TokenCounter
     from chattune.train.guards import (
         StopRequest,
         check_output_dir_writable,
         checkpoint_bytes,
         interrupt_saves,
+        interrupted_at_once_message,
         raise_if_stopped,
     )
     from chattune.train.trainer import BestTracker, ChattuneTrainer
 
     console = console or Console(stderr=True, soft_wrap=True)
     cfg.require("train_file")
-    resume_from = prepare_output_dir(cfg)
+    if cfg.skip_nan_steps and cfg.deepspeed:
+        raise ConfigError("skip_nan_steps needs a run without deepspeed (DeepSpeed owns the gradients)")
+    resume_from = prepare_output_dir(cfg, console)
     out = Path(cfg.output_dir)
     # under torchrun the processes on one machine share its cores
     per_process = max(available_cores() // int(os.environ.get("LOCAL_WORLD_SIZE", "1")), 1)
@@ -191,8 +234,6 @@ def run_training(cfg: TrainConfig, console: Console | None = None) -> Path:
     from transformers import set_seed
 
     set_seed(cfg.seed)
-    if cfg.trust_remote_code:
-        console.print("[yellow]trust_remote_code is on: code shipped with the model will run[/]")
     model = load_model(
         cfg.model,
         precision=precision,
@@ -223,6 +264,7 @@ def run_training(cfg: TrainConfig, console: Console | None = None) -> Path:
         "max_target_len": cfg.max_target_len,
     }
     counter = TokenCounter()
+    stop = StopRequest(cfg.skip_nan_steps, console)
     trainer = ChattuneTrainer(
         model=model,
         args=training_arguments(cfg, precision),
@@ -235,7 +277,8 @@ def run_training(cfg: TrainConfig, console: Console | None = None) -> Path:
         console=console,
         best=BestTracker(cfg.best_metric),
         generation_metrics=generation_metrics_fn(cfg, tokenizer, template) if cfg.eval_file else None,
-        callbacks=[RunLogCallback(out, counter, console, title=out.name)],
+        callbacks=[RunLogCallback(out, counter, console, title=out.name), stop],
+        loss_watch=stop.note_loss,
     )
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
@@ -247,10 +290,12 @@ def run_training(cfg: TrainConfig, console: Console | None = None) -> Path:
     if resume_from:
         console.print(f"Resuming from {resume_from}")
         trim_log(out / "trainer_log.jsonl", int(Path(resume_from).name.rsplit("-", 1)[-1]))
-    stop = StopRequest()
-    trainer.add_callback(stop)
-    with interrupt_saves(stop, console):
-        trainer.train(resume_from_checkpoint=resume_from)
+    try:
+        with interrupt_saves(stop, console):
+            trainer.train(resume_from_checkpoint=resume_from)
+    except KeyboardInterrupt:
+        console.print(f"[yellow]{interrupted_at_once_message(out)}[/]", highlight=False)
+        raise
     raise_if_stopped(stop, out)
     final = out / "final"
     trainer.save_result(final)

@@ -10,15 +10,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from safetensors import SafetensorError
 from transformers import Trainer
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from chattune.data.batching import EpochSeededLengthGroupedSampler
 from chattune.data.templates import IGNORE_INDEX
 from chattune.train.callbacks import TokenCounter
+from chattune.train.guards import save_failed
 from chattune.train.loss import split_backbone_and_head, trained_positions_loss
 
 STAGING = ".staging"
+# what a failing write raises: OSError from Python, RuntimeError from torch.save's zip writer, SafetensorError
+SAVE_ERRORS: tuple[type[BaseException], ...] = (OSError, RuntimeError, SafetensorError)
 
 
 @dataclass
@@ -39,6 +43,22 @@ class BestTracker:
         if self.metric == "loss":
             return f"Min eval loss has been updated: {self.value:.5f} --> {value:.5f}"
         return f"Best eval {self.metric} has been updated: {self.value:.5f} --> {value:.5f}"
+
+
+def fsync_tree(root: Path) -> None:
+    """Flush every file under `root` (and the dirs) to disk, so a renamed checkpoint survives a power loss."""
+    for dirpath, _, files in os.walk(root):
+        for name in files:
+            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        fd = os.open(dirpath, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def replace_dir(src: Path, dst: Path) -> None:
@@ -68,10 +88,12 @@ class ChattuneTrainer(Trainer):
         console: Any,
         best: BestTracker,
         generation_metrics: Callable[[Any], dict[str, float]] | None = None,
+        loss_watch: Callable[[Any], None] | None = None,
         **kwargs: Any,
     ):
         super().__init__(*args, **kwargs)
         self.counter, self.run_info, self.console = counter, run_info, console
+        self.loss_watch = loss_watch  # sees every micro-batch loss (StopRequest.note_loss)
         self.best, self.generation_metrics = best, generation_metrics
         self._staging: str | None = None
         self.split = split_backbone_and_head(self.model)
@@ -88,6 +110,13 @@ class ChattuneTrainer(Trainer):
                 dataset["length"], group, self.args.data_seed or self.args.seed
             )
         return super()._get_train_sampler(train_dataset)
+
+    def _run_epoch(self, *args: Any, **kwargs: Any) -> Any:
+        # resumed from the run's last step, the stock loop would still take one more step before it stops
+        if self.state.global_step >= self.state.max_steps > 0:
+            self.control.should_training_stop = True
+            return None
+        return super()._run_epoch(*args, **kwargs)
 
     # ------------------------------------------------------------------ loss
     def compute_loss(
@@ -107,7 +136,10 @@ class ChattuneTrainer(Trainer):
         mask = inputs.get("attention_mask")  # packed rows have no padding, hence no mask
         self.counter.tokens += int(mask.sum()) if mask is not None else inputs["input_ids"].numel()
         self.counter.trained += int((inputs["labels"] != IGNORE_INDEX).sum())
-        return super().training_step(model, inputs, num_items_in_batch)
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        if self.loss_watch is not None:
+            self.loss_watch(loss)
+        return loss
 
     # ------------------------------------------------------------------ atomic checkpoints
     def _get_output_dir(self, trial: Any) -> str:
@@ -120,12 +152,18 @@ class ChattuneTrainer(Trainer):
         self._staging = str(root / STAGING)
         try:
             super()._save_checkpoint(model, trial)
+            self.accelerator.wait_for_everyone()
+            if self.args.should_save:
+                self._write_run_info(root / STAGING / name)
+                fsync_tree(root / STAGING / name)
+                replace_dir(root / STAGING / name, root / name)
+        except SAVE_ERRORS as e:
+            if self.args.should_save:
+                shutil.rmtree(root / STAGING / name, ignore_errors=True)  # give back the space it took
+            raise save_failed(f"the checkpoint at step {self.state.global_step}", root, e) from e
         finally:
             self._staging = None
-        self.accelerator.wait_for_everyone()
         if self.args.should_save:
-            self._write_run_info(root / STAGING / name)
-            replace_dir(root / STAGING / name, root / name)
             from transformers.trainer_utils import rotate_checkpoints
 
             rotate_checkpoints(
@@ -158,15 +196,22 @@ class ChattuneTrainer(Trainer):
     def save_result(self, target: Path, extra: dict[str, Any] | None = None) -> None:
         """Save model (or adapter) and tokenizer to `target` atomically, with the run description beside them."""
         tmp = target.with_name(f".{target.name}.tmp")
-        if self.args.should_save:
-            shutil.rmtree(tmp, ignore_errors=True)
-        self.save_model(str(tmp))
-        self.accelerator.wait_for_everyone()
-        if self.args.should_save:
-            if self.processing_class is not None:
-                self.processing_class.save_pretrained(str(tmp))
-            self._write_run_info(tmp, extra)
-            replace_dir(tmp, target)
+        try:
+            if self.args.should_save:
+                shutil.rmtree(tmp, ignore_errors=True)
+            self.save_model(str(tmp))
+            self.accelerator.wait_for_everyone()
+            if self.args.should_save:
+                if self.processing_class is not None:
+                    self.processing_class.save_pretrained(str(tmp))
+                self._write_run_info(tmp, extra)
+                fsync_tree(tmp)
+                replace_dir(tmp, target)
+        except SAVE_ERRORS as e:
+            if self.args.should_save:
+                shutil.rmtree(tmp, ignore_errors=True)
+            what = f"{target.name}/ at step {self.state.global_step}"
+            raise save_failed(what, Path(self.args.output_dir), e) from e
 
     def _write_run_info(self, directory: Path, extra: dict[str, Any] | None = None) -> None:
         # infer, serve and eval read this back so they encode exactly as training did
