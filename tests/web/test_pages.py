@@ -201,3 +201,243 @@ def test_launch_builds_an_argument_list_and_warns_off_loopback(tmp_path: Path, m
     assert (
         launch.is_loopback("::1") and launch.is_loopback("localhost") and not launch.is_loopback("10.0.0.1")
     )
+
+
+# ---------------------------------------------------------------- playground: tools, side by side, feedback
+
+
+def test_parse_tools_names_what_is_wrong() -> None:
+    from chattune.web.views.playground import DEFAULT_TOOLS, parse_tools
+
+    assert parse_tools(DEFAULT_TOOLS)[0]["name"] == "get_weather"
+    assert parse_tools('[{"type": "function", "function": {"name": "f"}}]')[0]["function"]["name"] == "f"
+    for text, message in [
+        ('[{"name": "f",}]', "not valid JSON: .* line 1, column"),
+        ('{"name": "f"}', "non-empty JSON list .* not a JSON dict"),
+        ("[]", "not an empty list"),
+        ('["f"]', "tool 1 is a JSON str"),
+        ('[{"name": "f"}, {"description": "no name"}]', "tool 2 has no name"),
+        ('[{"name": "f"}, {"name": "f"}]', "used twice"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            parse_tools(text)
+
+
+def _playground(ws: Workspace, base: str, *, tokens: int = 8, adapter: str | None = None) -> AppTest:
+    at = _app("playground", ws.root)
+    at.text_input(key="base_model").set_value(base)
+    at.slider(key="max_new_tokens").set_value(tokens)
+    if adapter is not None:
+        at.selectbox(key="adapter").set_value(adapter)
+    at.run()
+    at.toggle(key="load_model").set_value(True).run()
+    assert not at.exception, at.exception
+    return at
+
+
+def test_playground_tool_mode_call_and_observation(tmp_path: Path, tool_model_dir: Path) -> None:
+    from tests.web.conftest import TOOL_ANSWER, TOOL_OBSERVATION, TOOL_PROMPT
+
+    ws = Workspace(tmp_path / "ws")
+    shutil.copytree(tool_model_dir, ws.root / "models" / "tool")
+    at = _playground(ws, "models/tool", tokens=64)
+    at.radio(key="mode").set_value("tool").run()
+    default_tools = at.text_area(key="tools_json").value
+    at.text_area(key="tools_json").set_value('[{"name": "get_weather",}]').run()
+    assert "not valid JSON" in at.error[0].value and not at.chat_input  # nothing to send with bad tools
+    at.text_area(key="tools_json").set_value('[{"description": "weather"}]').run()
+    assert "tool 1 has no name" in at.error[0].value
+    at.text_area(key="tools_json").set_value(default_tools).run()
+    assert not at.error and "tools offered: get_weather" in at.caption[-1].value
+
+    at.chat_input(key="tool_input").set_value(TOOL_PROMPT).run()
+    assert not at.exception, at.exception
+    turns = at.session_state["tool_chat"]
+    assert [m.role for m in turns] == ["user", "assistant"], turns
+    call = turns[1].tool_call
+    assert call is not None, turns
+    assert call is not None and (call.name, call.arguments) == ("get_weather", {"city": "Paris"})
+    assert any("tool call:** `get_weather`" in m.value for m in at.markdown)  # name ...
+    assert json.loads(at.json[0].value) == {"city": "Paris"}  # ... and arguments, not raw text
+    assert not at.chat_input  # the model waits for the observation, not for a new message
+
+    at.text_area(key="observation_2").set_value(TOOL_OBSERVATION)
+    _button(at, "send_observation").click().run()
+    assert not at.exception, at.exception
+    turns = at.session_state["tool_chat"]
+    assert [m.role for m in turns] == ["user", "assistant", "observation", "assistant"]
+    assert turns[2].content == TOOL_OBSERVATION and turns[2].tool_name == "get_weather"
+    assert turns[3].tool_call is None and turns[3].content == TOOL_ANSWER  # the answer used the observation
+    assert at.chat_input  # back to the user's turn
+
+
+def test_playground_side_by_side(tmp_path: Path, tiny_model_dir: Path, tool_model_dir: Path) -> None:
+    from tests.web.conftest import TOOL_PROMPT
+
+    from chattune.infer.engine import load_engine
+    from chattune.infer.generate import Sampling
+    from chattune.web.views.playground import complete, prompt_ids
+
+    ws = Workspace(tmp_path / "ws")
+    shutil.copytree(tiny_model_dir, ws.root / "models" / "tiny")
+    # a full fine-tune's output dir: the tool model stands in as the tuned version of tiny
+    shutil.copytree(tool_model_dir, ws.runs_dir / "tuned" / "final")
+    at = _playground(ws, "models/tiny", tokens=40)
+    at.radio(key="mode").set_value("side by side").run()
+    assert "Choose an adapter" in at.info[0].value
+    at.selectbox(key="adapter").set_value("runs/tuned/final").run()
+    at.text_area(key="compare_prompt").set_value(TOOL_PROMPT)
+    _button(at, "compare").click().run()
+    assert not at.exception, at.exception
+    result = at.session_state["compare_result"]
+    # each column is what that model says to the prompt outside the page, and the two models differ
+    expected = {}
+    for label, path in (("base", ws.root / "models" / "tiny"), ("tuned", ws.runs_dir / "tuned" / "final")):
+        engine = load_engine(str(path))
+        expected[label] = complete(
+            engine, prompt_ids(engine, TOOL_PROMPT), Sampling(max_new_tokens=40)
+        ).display()
+    assert result == {"prompt": TOOL_PROMPT, **expected} and expected["base"] != expected["tuned"]
+    assert [h.value for h in at.subheader] == ["Base model", "Tuned (base + adapter)"]
+    shown = [m.value for m in at.markdown]
+    assert (result["base"] or "*(empty reply)*") in shown and result["tuned"] in shown
+
+
+def test_playground_feedback_sends_corrections(tmp_path: Path, tiny_model_dir: Path) -> None:
+    ws = Workspace(tmp_path / "ws")
+    shutil.copytree(tiny_model_dir, ws.root / "models" / "tiny")
+    at = _playground(ws, "models/tiny")
+    at.chat_input(key="chat_input").set_value("Hello").run()
+    answer = at.session_state["chat"][-1]["content"]
+    _button(at, "chat_wrong").click().run()
+    assert "type the answer it should have given" in at.error[0].value
+    assert LabelStore(ws.labels_path).counts() == dict.fromkeys(
+        ("pending", "draft", "accepted", "rejected"), 0
+    )
+    at.text_area(key="chat_correction").set_value("Hi! How can I help?")
+    _button(at, "chat_wrong").click().run()
+    store = LabelStore(ws.labels_path)
+    wrong = store.get(at.session_state["chat_feedback"][1])
+    assert (wrong.status, wrong.source, wrong.kind) == ("pending", "playground", "conversation")
+    assert wrong.messages == [
+        {"role": "user", "content": "Hello"},
+        {"role": "assistant", "content": "Hi! How can I help?"},
+    ]
+    assert any("marked wrong" in s.value for s in at.success)
+    _button(at, "chat_correct").click().run()
+    right = store.get(at.session_state["chat_feedback"][1])
+    assert right.status == "accepted" and right.messages[-1]["content"] == answer
+
+    at.radio(key="mode").set_value("raw generate").run()
+    at.text_area(key="raw_prompt").set_value("one two")
+    _button(at, "generate").click().run()
+    at.text_area(key="raw_correction").set_value("three four")
+    _button(at, "raw_wrong").click().run()
+    rec = store.get(at.session_state["raw_feedback"][1])
+    assert (rec.kind, rec.instruction, rec.output, rec.status) == (
+        "instruction",
+        "one two",
+        "three four",
+        "pending",
+    )
+
+
+# ---------------------------------------------------------------- labeling: prefill from model
+
+
+def test_labeling_prefill_from_model(tmp_path: Path, tiny_model_dir: Path) -> None:
+    from chattune.infer.engine import load_engine
+    from chattune.infer.generate import Sampling
+    from chattune.web.views.playground import complete, prompt_ids
+
+    ws = Workspace(tmp_path / "ws")
+    shutil.copytree(tiny_model_dir, ws.root / "models" / "tiny")
+    store = LabelStore(ws.labels_path)
+    rid = store.add("Capital of France?", output="")
+    cid = store.add(messages=[{"role": "user", "content": "hi"}, {"role": "assistant", "content": "old"}])
+    at = _app("labeling", ws.root)
+    at.text_input(key="prefill_base_model").set_value("../outside").run()
+    _button(at, f"prefill_{rid}").click().run()
+    assert any("choose a model" in e.value for e in at.error) and store.get(rid).output == ""
+
+    at.text_input(key="prefill_base_model").set_value("models/tiny")
+    at.slider(key="prefill_max_new_tokens").set_value(12).run()
+    _button(at, f"prefill_{rid}").click().run()
+    assert not at.exception, at.exception
+    # what the same model says to the same prompt outside the page
+    engine = load_engine(str(ws.root / "models" / "tiny"))
+    expected = complete(
+        engine, prompt_ids(engine, "Capital of France?"), Sampling(max_new_tokens=12)
+    ).display()
+    rec = LabelStore(ws.labels_path).get(rid)
+    assert rec.output == expected and expected and rec.status == "draft"
+    assert at.text_area(key=f"ed_output_{rid}").value == expected  # the editor shows the draft
+
+    at.selectbox(key="pick_id").set_value(cid).run()
+    _button(at, f"prefill_{cid}").click().run()
+    conv = LabelStore(ws.labels_path).get(cid)
+    assert conv.status == "draft" and conv.messages[0] == {"role": "user", "content": "hi"}
+    assert len(conv.messages) == 2 and conv.messages[1]["role"] == "assistant"
+    assert json.loads(at.text_area(key=f"ed_messages_{cid}").value) == conv.messages
+
+
+# ---------------------------------------------------------------- monitor: live refresh, survives a refresh
+
+
+def _chart_rows(at: AppTest) -> int:
+    """How many points the loss chart on the page holds."""
+    import pyarrow as pa
+
+    (chart,) = at.get("vega_lite_chart")
+    return pa.ipc.open_stream(chart.proto.datasets[0].data.data).read_all().num_rows
+
+
+def test_monitor_follows_a_running_run_and_survives_refresh(tmp_path: Path) -> None:
+    from chattune.web.views.monitor import REFRESH_S, refresh_every
+
+    ws = Workspace(tmp_path / "ws")
+    run = _fake_run(ws, "live", finished=False)
+    _fake_run(ws, "old", finished=True)
+    assert refresh_every(ws.runs()) is None  # nothing running: no timer
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], start_new_session=True)
+    try:
+        (run / "run.pid").write_text(str(sleeper.pid))
+        assert refresh_every(ws.runs()) == REFRESH_S
+        at = AppTest.from_string(
+            "from chattune.web.views.monitor import page\npage()\n", default_timeout=TIMEOUT
+        )
+        at.session_state["workspace"] = str(ws.root)
+        at.query_params["run"] = "live"  # a browser refresh keeps only the URL
+        at.run()
+        assert not at.exception, at.exception
+        assert at.selectbox(key="pick_run").value == "live"
+        assert at.subheader[0].value == "Run live — running"
+        assert _chart_rows(at) == 5 and at.get("progress")[0].proto.text == "step 5"
+        with (run / "trainer_log.jsonl").open("a") as fh:
+            fh.write(json.dumps({"step": 6, "loss": 0.3, "elapsed_s": 6, "eta_s": 4}) + "\n")
+        at.run()  # what the fragment's timer does in the browser: read the files again
+        assert _chart_rows(at) == 6 and at.get("progress")[0].proto.text == "step 6"
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    at.run()
+    assert at.subheader[0].value == "Run live — failed"
+
+
+def test_export_links_to_monitor_with_the_config_prefilled(tmp_path: Path) -> None:
+    ws = Workspace(tmp_path / "ws")
+    store = LabelStore(ws.labels_path)
+    store.set_status(store.add("q", output="a"), "accepted")
+    at = _app("labeling", ws.root)
+    at.selectbox(key="export_format").set_value("prompt_response").run()
+    _button(at, "export").click().run()
+    link = at.get("page_link")[0].proto
+    assert link.page == "monitor" and "train_file=data%2Flabels-prompt_response.jsonl" in link.query_string
+
+    at = AppTest.from_string("from chattune.web.views.monitor import page\npage()\n", default_timeout=TIMEOUT)
+    at.session_state["workspace"] = str(ws.root)
+    at.query_params["train_file"] = "data/labels-prompt_response.jsonl"
+    at.query_params["format"] = "prompt_response"
+    at.run()
+    config = at.text_area(key="new_run_config").value
+    assert "train_file: data/labels-prompt_response.jsonl" in config and "format: prompt_response" in config

@@ -5,14 +5,21 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import os
 import random
 import sqlite3
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
+
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None  # type: ignore[assignment]
 
 from chattune.data.formats import FORMATS, Where, detect_format, sample_to_record
 from chattune.data.readers import iter_records
@@ -215,6 +222,7 @@ class LabelStore:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._local = threading.local()
         db = self._retry(self._connect)
         try:
             # WAL lets readers go on while one process writes; the mode persists in the file
@@ -245,20 +253,58 @@ class LabelStore:
                 delay = min(delay * 2, 1.0)
         raise AssertionError("unreachable")
 
+    def _db(self) -> sqlite3.Connection:
+        """This thread's connection, opened once and kept.
+
+        Reopening per call is slow: closing the last connection to a WAL database checkpoints and deletes
+        the WAL, about 10 ms per write. A connection never crosses a fork (SQLite forbids it), hence the pid.
+        """
+        local = self._local
+        if getattr(local, "pid", None) != os.getpid() or local.db is None:
+            local.db, local.pid = self._retry(self._connect), os.getpid()
+        return local.db
+
+    def close(self) -> None:
+        """Close this thread's connection (a later call opens a new one)."""
+        db, self._local.db = getattr(self._local, "db", None), None
+        if db is not None and getattr(self._local, "pid", None) == os.getpid():
+            db.close()
+
     @contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
         """One write transaction (BEGIN IMMEDIATE takes the write lock up front, so it cannot deadlock later)."""
-        db = self._retry(self._connect)
-        try:
+        db = self._db()
+        with self._writers_queue():
             self._retry(lambda: db.execute("BEGIN IMMEDIATE"))
             try:
                 yield db
+                self._retry(lambda: db.execute("COMMIT"))
             except BaseException:
-                db.execute("ROLLBACK")
+                if db.in_transaction:
+                    try:
+                        db.execute("ROLLBACK")
+                    except sqlite3.Error:  # a connection that cannot roll back is not reused
+                        self.close()
                 raise
-            self._retry(lambda: db.execute("COMMIT"))
-        finally:
-            db.close()
+
+    @contextmanager
+    def _writers_queue(self) -> Iterator[None]:
+        """Hold an exclusive lock on `<db>.lock` while writing, so writers from every process take turns.
+
+        SQLite's own busy handler polls with sleeps growing to 100 ms; with many writers on a loaded machine
+        most of the time went to sleeping while the lock was free (8 × 200 writes: 2 minutes instead of
+        seconds). The kernel wakes a flock waiter as soon as the lock is released, and releases it when its
+        holder dies, so a killed writer blocks nobody. Where flock is missing, SQLite's locking alone is used.
+        """
+        if fcntl is None:
+            yield
+            return
+        with open(self.path.with_name(self.path.name + ".lock"), "a+b") as fh:
+            fcntl.flock(fh, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(fh, fcntl.LOCK_UN)
 
     def _write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         """Run fn in its own transaction, retrying the whole transaction if the lock cannot be had."""
@@ -270,14 +316,7 @@ class LabelStore:
         return self._retry(attempt)
 
     def _read(self, sql: str, params: tuple[Any, ...] = ()) -> list[sqlite3.Row]:
-        def attempt() -> list[sqlite3.Row]:
-            db = self._connect()
-            try:
-                return db.execute(sql, params).fetchall()
-            finally:
-                db.close()
-
-        return self._retry(attempt)
+        return self._retry(lambda: self._db().execute(sql, params).fetchall())
 
     # -- writes
 

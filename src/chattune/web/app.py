@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import streamlit as st
 
-from chattune.web.views import labeling, monitor, playground
+from chattune.web.nav import pages
 from chattune.web.workspace import current
 
 
@@ -12,13 +12,7 @@ def main() -> None:
     """Set up the page and route to the chosen page."""
     st.set_page_config(page_title="chattune", layout="wide")
     ws = current()
-    nav = st.navigation(
-        [
-            st.Page(labeling.page, title="Labeling", url_path="labeling", default=True),
-            st.Page(monitor.page, title="Training monitor", url_path="monitor"),
-            st.Page(playground.page, title="Playground", url_path="playground"),
-        ]
-    )
+    nav = st.navigation(pages())
     st.sidebar.caption(f"workspace: {ws.root}")
     nav.run()
 

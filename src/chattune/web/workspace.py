@@ -228,6 +228,8 @@ class Workspace:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
+                # unbuffered: the log tail stays live and in order (stdout would be block-buffered into a file)
+                env={**os.environ, "PYTHONUNBUFFERED": "1"},
                 start_new_session=True,  # survives the web server's Ctrl+C, and stop() can signal its group
             )
         _write_pid(path / PID_FILE, proc.pid)

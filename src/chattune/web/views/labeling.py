@@ -8,7 +8,14 @@ from typing import Any
 
 import streamlit as st
 
+from chattune.data.formats import FORMATS, Where
+from chattune.data.schema import SourceRecord
+from chattune.errors import DataFormatError
+from chattune.infer.engine import Engine
+from chattune.infer.generate import Sampling
 from chattune.label.store import EXPORT_FORMATS, STATUSES, LabelStore, LabelStoreError, Record
+from chattune.web import nav
+from chattune.web.views.playground import complete, load, pick_model, prompt_ids
 from chattune.web.workspace import Workspace, current
 
 # Streamlit gained button shortcuts in 1.5x; older versions reject the keyword, so pass it only when known
@@ -26,6 +33,30 @@ def button(label: str, key: str, shortcut: str | None = None, **kwargs: Any) -> 
 def author_name() -> str:
     """The labeler's name, typed once per browser session."""
     return st.sidebar.text_input("Your name", key="author", help="recorded with each change you make")
+
+
+def prefill_model(ws: Workspace) -> tuple[tuple[str, str | None] | None, Sampling]:
+    """The sidebar's choice of model (and reply length) for "prefill from model"."""
+    st.sidebar.subheader("Prefill from model")
+    choice = pick_model(ws, prefix="prefill_")
+    tokens = st.sidebar.slider("Max new tokens", 8, 1024, 128, key="prefill_max_new_tokens")
+    return choice, Sampling(max_new_tokens=tokens)  # greedy: a draft should not change from click to click
+
+
+def draft_fields(engine: Engine, rec: Record, sampling: Sampling) -> dict[str, Any]:
+    """The model's draft for a record: an instruction's output, or a conversation's closing assistant turn."""
+    if rec.kind == "instruction":
+        return {"output": complete(engine, prompt_ids(engine, rec.prompt_text()), sampling).display()}
+    # the reply is drafted for what comes before the final assistant turns, which it replaces
+    head = list(rec.messages)
+    while head and head[-1].get("role") == "assistant":
+        head.pop()
+    if not head:
+        raise ValueError(f"record {rec.id} has no user turn to answer")
+    where = Where(SourceRecord("label store", rec.id, {"conversations": head}), require_target=False)
+    conv = FORMATS.get("conversations")({"conversations": head}, where)
+    reply = complete(engine, engine.template.encode_prompt(conv), sampling)
+    return {"messages": [*head, {"role": "assistant", "content": reply.display()}]}
 
 
 def show_counts(store: LabelStore, box: Any) -> None:
@@ -115,7 +146,38 @@ def _picked() -> None:
     st.session_state["current_id"] = st.session_state["pick_id"]
 
 
-def editor_section(store: LabelStore, records: list[Record], author: str) -> None:
+def prefill(store: LabelStore, rec: Record, model: tuple[str, str | None] | None, sampling: Sampling,
+            author: str) -> Record:  # fmt: skip
+    """Draft the record's output with the chosen model and save it as a draft; returns the record as stored."""
+    if model is None:
+        st.error("choose a model for “prefill from model” in the sidebar")
+        return rec
+    engine = load(*model)
+    if engine is None:
+        return rec
+    try:
+        with st.spinner("drafting with the model…"):
+            fields = draft_fields(engine, rec, sampling)
+    except (DataFormatError, ValueError) as e:
+        st.error(f"cannot prefill record {rec.id}: {e}")
+        return rec
+    rec = store.update(rec.id, **fields, status="draft", author=author)
+    # the editors are drawn after this, so their state can still be set to show the draft
+    if rec.kind == "instruction":
+        st.session_state[f"ed_output_{rec.id}"] = rec.output
+    else:
+        st.session_state[f"ed_messages_{rec.id}"] = json.dumps(rec.messages, ensure_ascii=False, indent=1)
+    st.toast(f"record {rec.id}: drafted by {engine.name}")
+    return rec
+
+
+def editor_section(
+    store: LabelStore,
+    records: list[Record],
+    author: str,
+    model: tuple[str, str | None] | None = None,
+    sampling: Sampling | None = None,
+) -> None:
     """Edit the current record and decide on it."""
     # offered before anything else, so it is there even when the deleted record was the last one listed
     if st.session_state.get("last_deleted") is not None and button(
@@ -137,6 +199,12 @@ def editor_section(store: LabelStore, records: list[Record], author: str) -> Non
     cur = st.selectbox("Record", ids, key="pick_id", on_change=_picked)
     st.session_state["current_id"] = cur
     rec = store.get(cur)
+    if button(
+        "Prefill from model",
+        f"prefill_{rec.id}",
+        help="draft the output with the model chosen in the sidebar",
+    ):
+        rec = prefill(store, rec, model, sampling or Sampling(), author)
     st.caption(f"record {rec.id} · {rec.kind} · {rec.status} · by {rec.author or '—'}")
     # widget keys carry the id, so moving to another record shows its text rather than the old edits
     if rec.kind == "instruction":
@@ -201,6 +269,10 @@ def export_section(ws: Workspace, store: LabelStore) -> None:
             # "train on this": the monitor page reads this prefill when it builds its config editor
             st.session_state["prefill_train_file"] = ws.relative(ws.resolve(path_text))
             st.session_state["prefill_format"] = fmt
+    if train_file := st.session_state.get("prefill_train_file"):
+        # the prefill also rides in the URL, so the monitor opened in a new tab or refreshed still has it
+        st.page_link(nav.page("monitor"), label=f"Train on this: {train_file} →", icon=":material/model_training:",
+                     query_params={"train_file": train_file, "format": st.session_state.get("prefill_format", "auto")})  # fmt: skip
 
 
 def page() -> None:
@@ -209,10 +281,11 @@ def page() -> None:
     st.title("Labeling")
     store = ws.store()
     author = author_name()
+    model, sampling = prefill_model(ws)
     counts_box = st.container()  # drawn last, so the counts include this run's changes
     import_section(ws, store, author)
     add_section(store, author)
     records = browse_section(store)
-    editor_section(store, records, author)
+    editor_section(store, records, author, model, sampling)
     export_section(ws, store)
     show_counts(store, counts_box)

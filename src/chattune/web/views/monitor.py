@@ -7,7 +7,16 @@ import streamlit as st
 
 from chattune.errors import ConfigError
 from chattune.train.callbacks import format_eta
+from chattune.web import nav
 from chattune.web.workspace import CONFIG_FILE, RunInfo, Workspace, current
+
+REFRESH_S = 1.0  # how often a running run's page redraws itself from its files
+
+
+def refresh_every(runs: list[RunInfo]) -> float | None:
+    """The live-refresh period while any of these runs is running; None (no timer) otherwise."""
+    return REFRESH_S if any(r.status == "running" for r in runs) else None
+
 
 DEFAULT_CONFIG = """\
 model: smollm2-135m-instruct
@@ -74,6 +83,11 @@ def run_details(ws: Workspace, info: RunInfo) -> None:
         else:
             st.rerun()
     col_refresh.button("Refresh", key="refresh")
+    if info.status == "finished":
+        final = ws.relative(info.output / "final")
+        base = _base_model(info)
+        st.page_link(nav.page("playground"), label=f"Chat with {final} in the playground →", icon=":material/chat:",
+                     query_params={"adapter": final, **({"base": base} if base else {})})  # fmt: skip
     st.text("log (last lines)")
     st.code(ws.log_tail(info.name) or "(no log)", language=None)
     cfg = info.path / CONFIG_FILE if (info.path / CONFIG_FILE).is_file() else info.output / CONFIG_FILE
@@ -82,12 +96,51 @@ def run_details(ws: Workspace, info: RunInfo) -> None:
             st.code(cfg.read_text(encoding="utf-8"), language="yaml")
 
 
+def _base_model(info: RunInfo) -> str | None:
+    """The `model:` of the run's config, as the user typed it (a workspace path or a hub id)."""
+    import yaml
+
+    for cfg in (info.path / CONFIG_FILE, info.output / CONFIG_FILE):
+        if cfg.is_file():
+            try:
+                model = (yaml.safe_load(cfg.read_text(encoding="utf-8")) or {}).get("model")
+            except (yaml.YAMLError, AttributeError):
+                return None
+            return model if isinstance(model, str) else None
+    return None
+
+
+def live_table(ws: Workspace, every: float | None) -> None:
+    """The runs table, redrawn every `every` seconds (None: only with the page)."""
+
+    @st.fragment(run_every=every)
+    def table() -> None:
+        runs_table(ws.runs())
+
+    table()
+
+
+def live_details(ws: Workspace, name: str, every: float | None) -> None:
+    """One run's details, redrawn from its files every `every` seconds while it runs (no clicks needed)."""
+
+    @st.fragment(run_every=every)
+    def details() -> None:
+        info = ws.run(name)
+        if every is not None and info.status != "running":
+            st.rerun(scope="app")  # it just ended: redraw the page once, which stops the timer
+        run_details(ws, info)
+
+    details()
+
+
 def start_section(ws: Workspace) -> None:
     """Edit a config, validate it, start it."""
     st.subheader("Start a run")
+    # "train on this" from labeling: session state in this tab, the URL after a refresh or in a new tab
+    train_file = st.session_state.get("prefill_train_file") or st.query_params.get("train_file")
+    fmt = st.session_state.get("prefill_format") or st.query_params.get("format")
     default = DEFAULT_CONFIG.format(
-        train_file=st.session_state.get("prefill_train_file", "data/labels-conversations.jsonl"),
-        format=st.session_state.get("prefill_format", "auto"),
+        train_file=train_file or "data/labels-conversations.jsonl", format=fmt or "auto"
     )
     name = st.text_input("Run name", "my-run", key="new_run_name")
     text = st.text_area("Config (YAML)", default, height=260, key="new_run_config")
@@ -106,9 +159,16 @@ def start_section(ws: Workspace) -> None:
             return
         if start:
             st.session_state["monitor_run"] = info.name
-            st.success(f"started run {info.name} (pid {info.pid}); output in {ws.relative(info.output)}")
+            st.session_state["show_run"] = info.name  # select it in the picker, which is drawn above
+            st.query_params["run"] = info.name
+            st.session_state["started"] = (
+                f"started run {info.name} (pid {info.pid}); output in {ws.relative(info.output)}"
+            )
+            st.rerun()  # redraw from the top, so the new run is listed and followed live
         else:
             st.success(f"config is valid: {cfg.method} on {cfg.model}, output in {cfg.output_dir}")
+    if started := st.session_state.pop("started", None):
+        st.success(started)
 
 
 def page() -> None:
@@ -117,15 +177,18 @@ def page() -> None:
     st.title("Training monitor")
     runs = ws.runs()
     if runs:
-        runs_table(runs)
+        live_table(ws, refresh_every(runs))
         names = [r.name for r in runs]
         # the selected run is kept in the URL, so a browser refresh comes back to it
         wanted = st.session_state.get("monitor_run") or st.query_params.get("run")
+        if (show := st.session_state.pop("show_run", None)) in names:
+            st.session_state["pick_run"] = show  # a widget's state may only be set before it is drawn
         index = names.index(wanted) if wanted in names else 0
         chosen = st.selectbox("Run", names, index=index, key="pick_run")
         st.session_state["monitor_run"] = chosen
         st.query_params["run"] = chosen
-        run_details(ws, next(r for r in runs if r.name == chosen))
+        info = next(r for r in runs if r.name == chosen)
+        live_details(ws, chosen, refresh_every([info]))
     else:
         st.info("No runs yet in this workspace: start one below.")
     start_section(ws)

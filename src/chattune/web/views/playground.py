@@ -1,17 +1,40 @@
-"""Playground: a base model plus an adapter from the workspace's runs; chat or raw generate; send to labeling."""
+"""Playground: a base model plus an adapter from the workspace's runs; chat, tools, raw generate, side by side.
+
+Answers can be marked correct or wrong (with a correction) and sent to labeling.
+"""
 
 from __future__ import annotations
 
+import json
+from collections.abc import Callable
 from typing import Any
 
 import streamlit as st
 
-from chattune.data.schema import Conversation, Message, Pair
+from chattune.data.schema import Conversation, Message, Pair, ToolCall
+from chattune.data.templates import ParsedReply
+from chattune.infer.chat import reply_messages
 from chattune.infer.engine import Engine
 from chattune.infer.generate import Sampling, generate_batch, stream
 from chattune.web.workspace import Workspace, current
 
 NO_ADAPTER = "(none: base model only)"
+MODES = ["chat", "tool", "raw generate", "side by side"]
+DEFAULT_BASE = "smollm2-135m-instruct"
+DEFAULT_TOOLS = json.dumps(
+    [
+        {
+            "name": "get_weather",
+            "description": "Current weather for a city",
+            "parameters": {
+                "type": "object",
+                "properties": {"city": {"type": "string"}},
+                "required": ["city"],
+            },
+        }
+    ],
+    indent=2,
+)
 
 
 @st.cache_resource(max_entries=2, show_spinner="loading the model…")
@@ -22,25 +45,42 @@ def _engine(base: str, adapter: str | None) -> Engine:
     return load_engine(base, adapter)
 
 
-def sampling_controls() -> Sampling:
-    """Sidebar widgets for how tokens are picked."""
+def load(base: str, adapter: str | None) -> Engine | None:
+    """The cached engine for (base, adapter), or None after showing why it could not be loaded."""
+    try:
+        return _engine(base, adapter)
+    except Exception as e:  # any loading failure is shown on the page rather than crashing the app
+        st.error(f"could not load the model: {e}")
+        return None
+
+
+def sampling_controls(prefix: str = "") -> Sampling:
+    """Sidebar widgets for how tokens are picked (`prefix` keeps keys apart between pages)."""
     sb = st.sidebar
-    do_sample = sb.toggle("Sample (off: greedy)", False, key="do_sample")
+    do_sample = sb.toggle("Sample (off: greedy)", False, key=f"{prefix}do_sample")
     return Sampling(
-        max_new_tokens=sb.slider("Max new tokens", 8, 1024, 128, key="max_new_tokens"),
-        temperature=sb.slider("Temperature", 0.05, 2.0, 0.7, key="temperature", disabled=not do_sample),
-        top_p=sb.slider("Top p", 0.05, 1.0, 0.9, key="top_p", disabled=not do_sample),
+        max_new_tokens=sb.slider("Max new tokens", 8, 1024, 128, key=f"{prefix}max_new_tokens"),
+        temperature=sb.slider(
+            "Temperature", 0.05, 2.0, 0.7, key=f"{prefix}temperature", disabled=not do_sample
+        ),
+        top_p=sb.slider("Top p", 0.05, 1.0, 0.9, key=f"{prefix}top_p", disabled=not do_sample),
         do_sample=do_sample,
-        seed=int(sb.number_input("Seed", 0, 2**31 - 1, 0, key="seed")),
+        seed=int(sb.number_input("Seed", 0, 2**31 - 1, 0, key=f"{prefix}seed")),
     )
 
 
-def pick_model(ws: Workspace) -> tuple[str, str | None] | None:
-    """Base model and adapter chosen in the sidebar, checked against the workspace."""
+def pick_model(ws: Workspace, prefix: str = "") -> tuple[str, str | None] | None:
+    """Base model and adapter chosen in the sidebar, checked against the workspace.
+
+    `?base=` and `?adapter=` in the URL preselect them, so the monitor can link a finished run here.
+    """
     sb = st.sidebar
-    base_text = sb.text_input("Base model", "smollm2-135m-instruct", key="base_model",
+    adapters = [NO_ADAPTER, *ws.adapters()]
+    wanted = st.query_params.get("adapter")
+    base_text = sb.text_input("Base model", st.query_params.get("base", DEFAULT_BASE), key=f"{prefix}base_model",
                               help="a model directory inside the workspace, or a hub id / alias")  # fmt: skip
-    adapter = sb.selectbox("Adapter", [NO_ADAPTER, *ws.adapters()], key="adapter")
+    index = adapters.index(wanted) if wanted in adapters else 0
+    adapter = sb.selectbox("Adapter", adapters, index=index, key=f"{prefix}adapter")
     try:
         base = ws.model_source(base_text)
         adapter_path = None if adapter == NO_ADAPTER else str(ws.resolve(adapter))
@@ -50,33 +90,117 @@ def pick_model(ws: Workspace) -> tuple[str, str | None] | None:
     return base, adapter_path
 
 
-def _history() -> list[dict[str, str]]:
-    return st.session_state.setdefault("chat", [])
+def parse_tools(text: str) -> list[dict[str, Any]]:
+    """Tool definitions typed in the page: a non-empty JSON list of objects, each with a name; else ValueError."""
+    try:
+        tools = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(
+            f"the tools are not valid JSON: {e.msg} at line {e.lineno}, column {e.colno}"
+        ) from None
+    if not isinstance(tools, list) or not tools:
+        got = "an empty list" if tools == [] else f"a JSON {type(tools).__name__}"
+        raise ValueError(f"the tools must be a non-empty JSON list of tool definitions, not {got}")
+    seen = set()
+    for i, tool in enumerate(tools, start=1):
+        if not isinstance(tool, dict):
+            raise ValueError(
+                f"tool {i} is a JSON {type(tool).__name__}; each tool must be an object such as "
+                '{"name": "get_weather", "parameters": {...}}'
+            )
+        function = tool.get("function")
+        name = tool.get("name") or (function.get("name") if isinstance(function, dict) else None)
+        if not isinstance(name, str) or not name.strip():
+            raise ValueError(f'tool {i} has no name: add "name": "..." (or "function": {{"name": ...}})')
+        if name in seen:
+            raise ValueError(
+                f"tool {i}: the name {name!r} is used twice; the model could not tell them apart"
+            )
+        seen.add(name)
+    return tools
 
 
-def _reply(engine: Engine, system: str, history: list[dict[str, str]], sampling: Sampling) -> str:
-    """Stream the assistant's answer to the conversation so far into the page; returns it parsed."""
-    msgs = ([Message("system", system)] if system.strip() else []) + [
-        Message(m["role"], m["content"]) for m in history
-    ]
-    ids = engine.template.encode_prompt(Conversation(msgs))
+def pending_calls(messages: list[Message]) -> list[ToolCall]:
+    """Tool calls of the last reply that still wait for an observation, in order."""
+    i, answered = len(messages), 0
+    while i and messages[i - 1].role == "observation":
+        i, answered = i - 1, answered + 1
+    calls = []
+    while i and messages[i - 1].role == "assistant" and messages[i - 1].tool_call is not None:
+        i -= 1
+        calls.insert(0, messages[i].tool_call)
+    return calls[answered:]
+
+
+def prompt_ids(engine: Engine, prompt: str, system: str = "") -> list[int]:
+    """A single prompt as the model expects it: a chat turn, or the raw pair encoding for raw-template models."""
+    if engine.template.name == "raw":
+        return engine.template.encode_prompt(Pair(prompt, ""))
+    msgs = ([Message("system", system)] if system.strip() else []) + [Message("user", prompt)]
+    return engine.template.encode_prompt(Conversation(msgs))
+
+
+def complete(engine: Engine, ids: list[int], sampling: Sampling) -> ParsedReply:
+    """The model's whole reply to prompt ids, parsed by its template (no streaming)."""
+    return engine.template.parse_reply(generate_batch(engine, [ids], sampling, batch_size=1)[0])
+
+
+def _stream_reply(engine: Engine, conv: Conversation, sampling: Sampling) -> ParsedReply:
+    """Stream the assistant's answer to the conversation into the page; returns it parsed."""
+    ids = engine.template.encode_prompt(conv)
     with st.chat_message("assistant"):
         raw = st.write_stream(stream(engine, ids, sampling))
     text = raw if isinstance(raw, str) else "".join(str(x) for x in raw)
-    return engine.template.parse_reply(text).display()
+    return engine.template.parse_reply(text)
 
 
-def send_to_labeling(ws: Workspace, **record: Any) -> int:
-    """Create a pending label record from what the model said."""
+def send_to_labeling(ws: Workspace, status: str = "pending", **record: Any) -> int:
+    """Create a label record (source playground) from what the model said or what the user corrected."""
     rid = ws.store().add(
-        **record, status="pending", author=st.session_state.get("author", ""), source="playground"
+        **record, status=status, author=st.session_state.get("author", ""), source="playground"
     )
     st.toast(f"sent to labeling as record {rid}")
     return rid
 
 
+def feedback(ws: Workspace, key: str, make_record: Callable[[str | None], dict[str, Any]]) -> None:
+    """Mark the last answer correct or wrong; wrong needs a correction and goes to labeling with it.
+
+    `make_record(answer)` builds the label record's fields with `answer` as the assistant's output.
+    """
+    st.caption("Was the last answer right?")
+    correction = st.text_area(
+        "Correction (the answer it should have given)", key=f"{key}_correction", height=68
+    )
+    col_ok, col_wrong = st.columns(2)
+    verdict = None
+    if col_ok.button("Correct", key=f"{key}_correct", icon=":material/thumb_up:"):
+        verdict = "correct"
+    if col_wrong.button("Wrong", key=f"{key}_wrong", icon=":material/thumb_down:"):
+        if not correction.strip():
+            st.error("type the answer it should have given in Correction, then press Wrong")
+            return
+        verdict = "wrong"
+    if verdict is None:
+        if done := st.session_state.get(f"{key}_feedback"):
+            st.success(f"marked {done[0]}; label record {done[1]}")
+        return
+    # a confirmed answer is ready to train on; a corrected one waits for review on the labeling page
+    fields = make_record(None) if verdict == "correct" else make_record(correction)
+    rid = send_to_labeling(ws, "accepted" if verdict == "correct" else "pending", **fields)
+    st.session_state[f"{key}_feedback"] = (verdict, rid)
+    st.success(f"marked {verdict}; label record {rid}")
+
+
+# ---------------------------------------------------------------- modes
+
+
+def _history() -> list[dict[str, str]]:
+    return st.session_state.setdefault("chat", [])
+
+
 def chat_mode(ws: Workspace, engine: Engine, sampling: Sampling) -> None:
-    """Chat with history, retry, clear and send to labeling."""
+    """Chat with history, retry, clear, feedback and send to labeling."""
     system = st.text_area("System prompt", "", key="system_prompt", height=68)
     history = _history()
     for m in history:
@@ -85,10 +209,18 @@ def chat_mode(ws: Workspace, engine: Engine, sampling: Sampling) -> None:
     retry = col_retry.button("Retry", key="retry", disabled=not history)
     if col_clear.button("Clear", key="clear", disabled=not history):
         history.clear()
+        st.session_state.pop("chat_feedback", None)
         st.rerun()
+    head = [{"role": "system", "content": system}] if system.strip() else []
     if col_send.button("Send to labeling", key="send_chat", disabled=len(history) < 2):
-        msgs = ([{"role": "system", "content": system}] if system.strip() else []) + history
-        st.session_state["sent_id"] = send_to_labeling(ws, messages=msgs)
+        st.session_state["sent_id"] = send_to_labeling(ws, messages=head + history)
+    if history and history[-1]["role"] == "assistant":
+
+        def record(answer: str | None) -> dict[str, Any]:
+            last = history[-1] if answer is None else {"role": "assistant", "content": answer}
+            return {"messages": head + history[:-1] + [last]}
+
+        feedback(ws, "chat", record)
     prompt = st.chat_input("Message the model", key="chat_input")
     if retry and history and history[-1]["role"] == "assistant":
         history.pop()
@@ -97,22 +229,114 @@ def chat_mode(ws: Workspace, engine: Engine, sampling: Sampling) -> None:
         st.chat_message("user").write(prompt)
     else:
         return
-    history.append({"role": "assistant", "content": _reply(engine, system, history, sampling)})
+    msgs = ([Message("system", system)] if system.strip() else []) + [
+        Message(m["role"], m["content"]) for m in history
+    ]
+    history.append(
+        {"role": "assistant", "content": _stream_reply(engine, Conversation(msgs), sampling).display()}
+    )
+    st.session_state.pop("chat_feedback", None)  # feedback belongs to the answer it was given on
     st.rerun()  # redraw so the buttons see the new history
+
+
+def _show_message(m: Message) -> None:
+    """One tool-mode turn: text, a tool call as name + arguments, or an observation."""
+    if m.role == "observation":
+        with st.chat_message("observation", avatar=":material/build:"):
+            st.markdown(f"**observation** from `{m.tool_name or 'tool'}`")
+            st.code(m.content, language=None)
+    elif m.tool_call is not None:
+        with st.chat_message("assistant"):
+            if m.content:
+                st.write(m.content)
+            st.markdown(f"**tool call:** `{m.tool_call.name}`")
+            st.json(m.tool_call.arguments)
+    else:
+        st.chat_message(m.role).write(m.content)
+
+
+def tool_mode(ws: Workspace, engine: Engine, sampling: Sampling) -> None:
+    """Chat with tools: the model's calls are shown as name + arguments and the user types each observation."""
+    system = st.text_area("System prompt", "", key="tool_system", height=68)
+    tools_text = st.text_area(
+        "Tools (JSON list of tool definitions)", DEFAULT_TOOLS, key="tools_json", height=220
+    )
+    try:
+        tools = parse_tools(tools_text)
+    except ValueError as e:
+        st.error(str(e))
+        return
+    st.caption("tools offered: " + ", ".join(t.get("name") or t["function"]["name"] for t in tools))
+    turns: list[Message] = st.session_state.setdefault("tool_chat", [])
+    for m in turns:
+        _show_message(m)
+    if st.button("Clear", key="tool_clear", disabled=not turns):
+        turns.clear()
+        st.rerun()
+    waiting = pending_calls(turns)
+    if waiting:
+        call = waiting[0]
+        # the key follows the history length, so the box is empty again for the next observation
+        obs = st.text_area(
+            f"Observation for {call.name} (what the tool returned)", key=f"observation_{len(turns)}"
+        )
+        if not (st.button("Send observation", key="send_observation", type="primary") and obs.strip()):
+            return
+        turns.append(Message("observation", obs, tool_name=call.name))
+        if len(waiting) > 1:
+            st.rerun()  # the next call's observation first; the model answers once all are in
+    elif prompt := st.chat_input("Message the model", key="tool_input"):
+        turns.append(Message("user", prompt))
+        _show_message(turns[-1])
+    else:
+        return
+    head = [Message("system", system)] if system.strip() else []
+    parsed = _stream_reply(engine, Conversation(head + turns, tools), sampling)
+    if parsed.error:
+        st.session_state["tool_warning"] = (
+            f"the reply looks like a tool call but does not parse: {parsed.error}"
+        )
+    turns.extend(reply_messages(parsed))  # one history entry per call, as the terminal chat keeps them
+    st.rerun()
 
 
 def raw_mode(ws: Workspace, engine: Engine, sampling: Sampling) -> None:
     """Raw generation with the training encoding of a prompt/response pair."""
     prompt = st.text_area("Prompt", "", key="raw_prompt", height=120)
     if st.button("Generate", key="generate", type="primary") and prompt.strip():
-        raw = generate_batch(
-            engine, [engine.template.encode_prompt(Pair(prompt, ""))], sampling, batch_size=1
-        )[0]
-        st.session_state["raw_result"] = (prompt, engine.template.parse_reply(raw).display())
+        reply = complete(engine, engine.template.encode_prompt(Pair(prompt, "")), sampling)
+        st.session_state["raw_result"] = (prompt, reply.display())
+        st.session_state.pop("raw_feedback", None)
     if result := st.session_state.get("raw_result"):
         st.text_area("Output", result[1], key="raw_output", disabled=True)
         if st.button("Send to labeling", key="send_raw"):
             st.session_state["sent_id"] = send_to_labeling(ws, instruction=result[0], output=result[1])
+        feedback(ws, "raw", lambda answer: {"instruction": result[0], "output": answer or result[1]})
+
+
+def compare_mode(base: str, adapter: str | None, sampling: Sampling) -> None:
+    """The same prompt to the base model and to base + adapter, answers in two columns."""
+    if adapter is None:
+        st.info("Choose an adapter in the sidebar: side by side compares the base model with base + adapter.")
+        return
+    system = st.text_area("System prompt", "", key="compare_system", height=68)
+    prompt = st.text_area("Prompt", "", key="compare_prompt", height=100)
+    if st.button("Ask both", key="compare", type="primary") and prompt.strip():
+        answers = {}
+        for label, adapter_path in (("base", None), ("tuned", adapter)):
+            engine = load(base, adapter_path)
+            if engine is None:
+                return
+            answers[label] = complete(engine, prompt_ids(engine, prompt, system), sampling).display()
+        st.session_state["compare_result"] = {"prompt": prompt, **answers}
+    if result := st.session_state.get("compare_result"):
+        st.caption(f"prompt: {result['prompt']}")
+        for col, label, title in zip(st.columns(2), ("base", "tuned"), ("Base model", "Tuned (base + adapter)"),
+                                     strict=True):  # fmt: skip
+            with col:
+                st.subheader(title)
+                with st.container(border=True, key=f"answer_{label}"):
+                    st.markdown(result[label] or "*(empty reply)*")
 
 
 def page() -> None:
@@ -121,19 +345,30 @@ def page() -> None:
     st.title("Playground")
     choice = pick_model(ws)
     sampling = sampling_controls()
-    mode = st.radio("Mode", ["chat", "raw generate"], horizontal=True, key="mode")
+    mode = st.radio("Mode", MODES, horizontal=True, key="mode")
     if choice is None:
         return
     if not st.toggle("Load the model", key="load_model"):
         st.info("Choose a base model and adapter in the sidebar, then switch on “Load the model”.")
         return
-    try:
-        engine = _engine(*choice)
-    except Exception as e:  # any loading failure is shown on the page rather than crashing the app
-        st.error(f"could not load the model: {e}")
+    if mode == "side by side":
+        compare_mode(*choice, sampling)
+        return
+    engine = load(*choice)
+    if engine is None:
         return
     st.caption(f"model: {engine.name}")
+    if warning := st.session_state.pop("tool_warning", None):
+        st.warning(warning)
+    if mode in ("chat", "tool") and engine.template.name == "raw":
+        # a raw-template model was trained on prompt/response pairs: it has no roles to chat or call tools with
+        st.error(
+            f"{engine.name} uses template 'raw' (no roles): use raw generate, or a chat model for {mode}"
+        )
+        return
     if mode == "chat":
         chat_mode(ws, engine, sampling)
+    elif mode == "tool":
+        tool_mode(ws, engine, sampling)
     else:
         raw_mode(ws, engine, sampling)

@@ -1,0 +1,59 @@
+"""Fixtures for the web tests: a tiny model taught to call a tool, so tool mode runs on a real model."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+TOOL_PROMPT = "What is the weather in Paris?"
+TOOL_OBSERVATION = "sunny, 21 degrees"
+TOOL_ANSWER = "It is sunny."
+
+
+def teach_tool_call(base: Path, out: Path, tools: list[dict], steps: int = 150) -> Path:
+    """Overfit `base` on one tool-calling exchange (call, then an answer after the observation); saves to `out`."""
+    import torch
+
+    from chattune.data.schema import Conversation, Message, ToolCall
+    from chattune.infer.engine import load_engine
+
+    engine = load_engine(str(base))
+    call = ToolCall("get_weather", {"city": "Paris"})
+    asked = [Message("user", TOOL_PROMPT)]
+    called = [*asked, Message("assistant", "", metadata=call.name, tool_call=call)]
+    answered = [
+        *called,
+        Message("observation", TOOL_OBSERVATION, tool_name=call.name),
+        Message("assistant", TOOL_ANSWER),
+    ]
+    # encoded by chattune's own template, exactly as the playground will prompt it
+    batches = [engine.template.encode(Conversation(m, tools)) for m in (called, answered)]
+    model = engine.model
+    model.train()
+    torch.manual_seed(0)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for _ in range(steps):
+        for enc in batches:
+            ids = torch.tensor([enc.input_ids])
+            loss = model(input_ids=ids, labels=torch.tensor([enc.labels])).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+    model.eval()
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    engine.tokenizer.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tool_model_dir(tmp_path_factory, tiny_model_dir: Path) -> Path:
+    """The tiny model after learning to call get_weather for TOOL_PROMPT and to answer its observation."""
+    from chattune.web.views.playground import DEFAULT_TOOLS
+
+    out = tmp_path_factory.mktemp("tool-model")
+    shutil.rmtree(out)
+    return teach_tool_call(tiny_model_dir, out, json.loads(DEFAULT_TOOLS))
