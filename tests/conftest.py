@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -121,3 +124,21 @@ def shared_data() -> Path:
 def _isolated_home(tmp_path_factory, monkeypatch):
     """Every test gets its own CHATTUNE_HOME, so caches never leak between tests or into ~/.cache."""
     monkeypatch.setenv("CHATTUNE_HOME", str(tmp_path_factory.mktemp("chattune-home")))
+
+
+def _run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = os.environ | {"CHATTUNE_HOME": str(cwd / "home"), "HF_HUB_OFFLINE": "1", "COLUMNS": "200"}
+    return subprocess.run(
+        [sys.executable, "-m", "chattune", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+@pytest.fixture(scope="session")
+def run_cli():
+    """`run_cli(*args, cwd=DIR)`: `python -m chattune ARGS` in DIR as a user runs it, CHATTUNE_HOME=DIR/home."""
+    return _run_cli

@@ -3,24 +3,9 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
-
-
-def chattune(*args: str, cwd: Path, home: Path) -> subprocess.CompletedProcess:
-    env = os.environ | {"CHATTUNE_HOME": str(home), "HF_HUB_OFFLINE": "1", "COLUMNS": "200"}
-    return subprocess.run(
-        [sys.executable, "-m", "chattune", *args],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
 
 
 @pytest.fixture()
@@ -42,15 +27,15 @@ def assert_clean_failure(proc: subprocess.CompletedProcess, *needles: str) -> No
         assert needle in proc.stderr, proc.stderr
 
 
-def test_data_check_prints_table_and_stats(workdir):
-    proc = chattune("data", "check", "run.yaml", "-n", "1", cwd=workdir, home=workdir / "home")
+def test_data_check_prints_table_and_stats(workdir, run_cli):
+    proc = run_cli("data", "check", "run.yaml", "-n", "1", cwd=workdir)
     assert proc.returncode == 0, proc.stderr
     assert "Sanity Check >>>>>>>>>>>>>" in proc.stdout and "<<<<<<<<<<<<< Sanity Check" in proc.stdout
     assert "samples kept" in proc.stdout and "'<|im_end|>':" in proc.stdout
 
 
-def test_data_check_json_is_pure(workdir):
-    proc = chattune("data", "check", "run.yaml", "--json", "-n", "5", cwd=workdir, home=workdir / "home")
+def test_data_check_json_is_pure(workdir, run_cli):
+    proc = run_cli("data", "check", "run.yaml", "--json", "-n", "5", cwd=workdir)
     assert proc.returncode == 0, proc.stderr
     rows = [json.loads(line) for line in proc.stdout.splitlines()]
     assert len(rows) == 1 and set(rows[0]) == {"input_ids", "labels"}
@@ -77,15 +62,13 @@ def test_data_check_json_is_pure(workdir):
         (["data", "convert", "advertise-gn", "x.json", "-o", "y.jsonl"], ["Did you mean 'advertise-gen'"]),
     ],
 )
-def test_bad_input_fails_cleanly(workdir, args, needles):
+def test_bad_input_fails_cleanly(workdir, run_cli, args, needles):
     (workdir / "bad.jsonl").write_text(
         (workdir / "data.jsonl").read_text() + '{"conversations": [{"role": "bot"}]}\n'
     )
-    assert_clean_failure(chattune(*args, cwd=workdir, home=workdir / "home"), *needles)
+    assert_clean_failure(run_cli(*args, cwd=workdir), *needles)
 
 
-def test_yaml_that_is_not_a_mapping(workdir):
+def test_yaml_that_is_not_a_mapping(workdir, run_cli):
     (workdir / "list.yaml").write_text("- a\n- b\n")
-    assert_clean_failure(
-        chattune("data", "check", "list.yaml", cwd=workdir, home=workdir / "home"), "mapping"
-    )
+    assert_clean_failure(run_cli("data", "check", "list.yaml", cwd=workdir), "mapping")

@@ -9,10 +9,6 @@ the distinct paths through the CLI: `data check` reading data, `train`/`data che
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
@@ -38,18 +34,6 @@ FILES: dict[str, bytes] = {
     "empty.json": b"",
     "truncated.json": b'[{"NLDocumentation": "d", "Instances": []},\n{"NLDocumentation": "d", "Inst',
 }
-
-
-def chattune(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    env = os.environ | {"CHATTUNE_HOME": str(cwd / "home"), "HF_HUB_OFFLINE": "1", "COLUMNS": "200"}
-    return subprocess.run(
-        [sys.executable, "-m", "chattune", *args],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
 
 
 @pytest.fixture()
@@ -120,8 +104,8 @@ def workdir(tmp_path, tiny_model_dir):
         "convert-folder",
     ],
 )
-def test_bad_input_fails_in_one_clear_paragraph(workdir, args, needles):
-    proc = chattune(*args, cwd=workdir)
+def test_bad_input_fails_in_one_clear_paragraph(workdir, run_cli, args, needles):
+    proc = run_cli(*args, cwd=workdir)
     assert proc.returncode != 0, proc.stdout + proc.stderr
     assert "Traceback" not in proc.stdout + proc.stderr, proc.stderr
     assert "Error:" in proc.stderr, proc.stderr

@@ -13,6 +13,7 @@ import io
 import json
 import math
 import re
+import reprlib
 import tempfile
 import time
 from collections.abc import Iterator
@@ -32,8 +33,11 @@ from chattune.errors import ChattuneError, ConfigError, DataFormatError
 
 # Modest budgets: the whole file must stay well under 40 s on a busy 2-core machine. No example database:
 # nothing is written into the repository.
-FEW = settings(max_examples=25, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
-SOME = settings(max_examples=40, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
+# derandomize: the same examples on every run, so CI's verdict does not depend on the draw (widen
+# max_examples locally, or drop derandomize, to hunt for new failures)
+_COMMON = dict(deadline=None, database=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+FEW = settings(max_examples=25, **_COMMON)
+SOME = settings(max_examples=40, **_COMMON)
 
 
 @contextlib.contextmanager
@@ -617,6 +621,13 @@ def equivalent(got: Any, given_value: Any) -> bool:
     return got == given_value or (given_value is True and got == "auto")  # resume: true means auto
 
 
+def quoted(key: str) -> str:
+    """A key as messages quote it: repr, shortened past 60 characters (escapes make short keys long)."""
+    short = reprlib.Repr()
+    short.maxstring = 60
+    return short.repr(key)
+
+
 @SOME
 @given(values=st.dictionaries(st.sampled_from(FIELDS) | st.text(max_size=12), yaml_values, max_size=5))
 def test_config_values_are_kept_or_named(values):
@@ -634,9 +645,9 @@ def test_config_values_are_kept_or_named(values):
             assert_named(got, path)
             msg = str(got)
             # the key at fault is named
-            assert any(f"'{k}'" in msg or f"{k!r}" in msg or f"{k}:" in msg for k in values), msg
+            assert any(f"'{k}'" in msg or quoted(k) in msg or f"{k}:" in msg for k in values), msg
             if unknown := [k for k in values if k not in FIELDS]:
-                assert any(f"unknown key {k!r}" in msg for k in unknown) or "more problems" in msg, msg
+                assert any(f"unknown key {quoted(k)}" in msg for k in unknown) or "more problems" in msg, msg
                 assert "line " in msg
 
 

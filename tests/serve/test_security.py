@@ -23,7 +23,7 @@ import httpx
 
 from chattune.errors import ConfigError
 from chattune.infer.engine import Engine, load_engine
-from chattune.serve import ServeLimits, build_server, create_app
+from chattune.serve import ServeLimits
 from chattune.serve.server import check_exposure
 
 KEY = "sk-secret-7f3a9c1e5b2d4680"  # distinctive, so a grep of the logs finds any copy of it
@@ -159,34 +159,7 @@ def engine(tiny_model_dir: Path) -> Engine:
     return load_engine(str(tiny_model_dir))
 
 
-@contextmanager
-def serving(engine: Engine, **kw: Any) -> Iterator[str]:
-    """A real uvicorn in a thread on a free loopback port; yields its base URL once /health answers."""
-    app = create_app(engine, model_name="tiny", api_key=KEY, **kw)
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    base = f"http://127.0.0.1:{sock.getsockname()[1]}"
-    server = build_server(app, "127.0.0.1", 0, log_level="warning")
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    try:
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                if httpx.get(f"{base}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "server did not start"
-            time.sleep(0.05)
-        yield base
-    finally:
-        server.should_exit = True
-        thread.join(15)
-        sock.close()
-
-
-def test_key_is_compared_in_constant_time(engine, monkeypatch):
+def test_key_is_compared_in_constant_time(engine, monkeypatch, serving):
     """Every key check goes through hmac.compare_digest over the whole key (spied on, still doing the work)."""
     calls: list[tuple[bytes, bytes]] = []
     real = hmac.compare_digest
@@ -196,7 +169,7 @@ def test_key_is_compared_in_constant_time(engine, monkeypatch):
         return real(a, b)
 
     monkeypatch.setattr(hmac, "compare_digest", spy)
-    with serving(engine) as base:
+    with serving(engine, KEY) as base:
         for token, status in ((KEY[:4], 401), (KEY[:-1] + "X", 401), (KEY, 200)):
             r = httpx.get(f"{base}/v1/models", headers={"Authorization": f"Bearer {token}"})
             assert r.status_code == status, r.text
@@ -204,7 +177,7 @@ def test_key_is_compared_in_constant_time(engine, monkeypatch):
                      (KEY.encode(), KEY.encode())]  # fmt: skip
 
 
-def test_request_limits_on_streamed_and_unauthenticated_bodies(engine):
+def test_request_limits_on_streamed_and_unauthenticated_bodies(engine, serving):
     """The body limit holds for chunked uploads (no Content-Length to refuse early on), and an unauthenticated
     client is turned away by the key check before its body counts."""
     limits = ServeLimits(max_body_bytes=4000)
@@ -216,7 +189,7 @@ def test_request_limits_on_streamed_and_unauthenticated_bodies(engine):
             yield b"x" * 1000
         yield b'"}]}'
 
-    with serving(engine, limits=limits) as base:
+    with serving(engine, KEY, limits=limits) as base:
         url = f"{base}/v1/chat/completions"
         error = assert_error_body(httpx.post(url, content=chunks(50_000), headers=headers), 413)
         assert "4000 bytes" in error["message"] and error["code"] == "request_too_large"

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import socket
 import threading
 import time
 import warnings
@@ -25,7 +24,7 @@ from chattune.config import build_config
 from chattune.data.schema import Conversation, Message, ToolCall
 from chattune.errors import ConfigError
 from chattune.infer.engine import Engine, load_engine
-from chattune.serve import ServeLimits, build_server, create_app, run_server
+from chattune.serve import ServeLimits, run_server
 from chattune.serve.server import is_loopback
 from chattune.train.run import run_training
 
@@ -34,34 +33,6 @@ HELLO = [{"role": "user", "content": "Hello! How can I help you today?"}]
 # short, so the prompt (tools are rendered into the system text) stays short and training fast
 TOOLS = [{"type": "function", "function": {"name": "get_weather"}}]
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"]
-
-
-@contextmanager
-def serving(engine: Engine, **kw: Any) -> Iterator[str]:
-    """A real uvicorn in a thread on a free loopback port; yields its base URL once /health answers."""
-    app = create_app(engine, model_name="tiny", api_key=KEY, **kw)
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))  # the kernel picks the port; handing uvicorn the socket leaves no race
-    base = f"http://127.0.0.1:{sock.getsockname()[1]}"
-    server = build_server(app, "127.0.0.1", 0, log_level="warning")
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    try:
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                if httpx.get(f"{base}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "server did not start"
-            time.sleep(0.05)
-        yield base
-    finally:
-        server.should_exit = True
-        thread.join(15)
-        sock.close()
 
 
 def client_for(base: str, key: str = KEY) -> openai.OpenAI:
@@ -90,8 +61,8 @@ def engine(tiny_model_dir: Path) -> Engine:
 
 
 @pytest.fixture(scope="module")
-def base(engine: Engine) -> Iterator[str]:
-    with serving(engine) as url:
+def base(engine: Engine, serving) -> Iterator[str]:
+    with serving(engine, KEY) as url:
         yield url
 
 
@@ -264,9 +235,9 @@ def test_body_too_large_and_unknown_paths(base, client):
     assert client.chat.completions.create(model="tiny", messages=HELLO, max_tokens=3).usage.completion_tokens
 
 
-def test_smaller_limits_are_honoured(engine):
+def test_smaller_limits_are_honoured(engine, serving):
     limits = ServeLimits(max_body_bytes=2000, max_messages=3, max_pending=1)
-    with serving(engine, limits=limits) as url:
+    with serving(engine, KEY, limits=limits) as url:
         assert_openai_error(post(url, {"messages": _many(4)}), 400)
         assert_openai_error(post(url, {"messages": [{"role": "user", "content": "x" * 3000}]}), 413)
         assert post(url, {"messages": _many(3), "max_tokens": 2}).status_code == 200
@@ -377,8 +348,8 @@ def tool_engine(tiny_model_dir: Path, tmp_path_factory) -> Engine:
 
 
 @pytest.fixture(scope="module")
-def tool_client(tool_engine: Engine) -> Iterator[openai.OpenAI]:
-    with serving(tool_engine) as url:
+def tool_client(tool_engine: Engine, serving) -> Iterator[openai.OpenAI]:
+    with serving(tool_engine, KEY) as url:
         yield client_for(url)
 
 
