@@ -30,20 +30,40 @@ def load_tools(path: Path) -> list[dict[str, Any]]:
     """Tool definitions from a JSON file: a list of objects, as in the training data's `tools` field."""
     path = Path(path)
     try:
-        tools = json.loads(path.read_text(encoding="utf-8-sig"))
+        return parse_tools(path.read_text(encoding="utf-8-sig"))
     except OSError as e:
         raise ConfigError(f"tools file {path} cannot be read: {e.strerror or e}") from None
+    except ValueError as e:
+        raise ConfigError(f"tools file {path}: {e}") from None
+
+
+def parse_tools(text: str) -> list[dict[str, Any]]:
+    """Tool definitions from JSON text: a non-empty list of objects, each with a unique name; else ValueError."""
+    try:
+        tools = json.loads(text)
     except json.JSONDecodeError as e:
-        raise ConfigError(f"tools file {path} is not valid JSON: {e.msg} at line {e.lineno}") from None
+        raise ValueError(
+            f"the tools are not valid JSON: {e.msg} at line {e.lineno}, column {e.colno}"
+        ) from None
     if not isinstance(tools, list) or not tools:
         got = "an empty list" if tools == [] else f"a JSON {type(tools).__name__}"
-        raise ConfigError(f"tools file {path} must hold a non-empty JSON list of tool definitions, not {got}")
-    for i, tool in enumerate(tools):
+        raise ValueError(f"the tools must be a non-empty JSON list of tool definitions, not {got}")
+    seen = set()
+    for i, tool in enumerate(tools, start=1):
         if not isinstance(tool, dict):
-            raise ConfigError(
-                f"tools file {path}: item {i} is a JSON {type(tool).__name__}; every tool definition must be "
-                'an object such as {"name": "get_weather", "parameters": {...}}'
+            raise ValueError(
+                f"tool {i} is a JSON {type(tool).__name__}; each tool must be an object such as "
+                '{"name": "get_weather", "parameters": {...}}'
             )
+        function = tool.get("function")
+        name = tool.get("name") or (function.get("name") if isinstance(function, dict) else None)
+        if not isinstance(name, str) or not name.strip():
+            raise ValueError(f'tool {i} has no name: add "name": "..." (or "function": {{"name": ...}})')
+        if name in seen:
+            raise ValueError(
+                f"tool {i}: the name {name!r} is used twice; the model could not tell them apart"
+            )
+        seen.add(name)
     return tools
 
 

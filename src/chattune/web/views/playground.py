@@ -13,7 +13,7 @@ import streamlit as st
 
 from chattune.data.schema import Conversation, Message, Pair, ToolCall
 from chattune.data.templates import ParsedReply
-from chattune.infer.chat import reply_messages
+from chattune.infer.chat import parse_tools, reply_messages
 from chattune.infer.engine import Engine
 from chattune.infer.generate import Sampling, generate_batch, stream
 from chattune.web.workspace import Workspace, current
@@ -88,36 +88,6 @@ def pick_model(ws: Workspace, prefix: str = "") -> tuple[str, str | None] | None
         st.error(str(e))
         return None
     return base, adapter_path
-
-
-def parse_tools(text: str) -> list[dict[str, Any]]:
-    """Tool definitions typed in the page: a non-empty JSON list of objects, each with a name; else ValueError."""
-    try:
-        tools = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise ValueError(
-            f"the tools are not valid JSON: {e.msg} at line {e.lineno}, column {e.colno}"
-        ) from None
-    if not isinstance(tools, list) or not tools:
-        got = "an empty list" if tools == [] else f"a JSON {type(tools).__name__}"
-        raise ValueError(f"the tools must be a non-empty JSON list of tool definitions, not {got}")
-    seen = set()
-    for i, tool in enumerate(tools, start=1):
-        if not isinstance(tool, dict):
-            raise ValueError(
-                f"tool {i} is a JSON {type(tool).__name__}; each tool must be an object such as "
-                '{"name": "get_weather", "parameters": {...}}'
-            )
-        function = tool.get("function")
-        name = tool.get("name") or (function.get("name") if isinstance(function, dict) else None)
-        if not isinstance(name, str) or not name.strip():
-            raise ValueError(f'tool {i} has no name: add "name": "..." (or "function": {{"name": ...}})')
-        if name in seen:
-            raise ValueError(
-                f"tool {i}: the name {name!r} is used twice; the model could not tell them apart"
-            )
-        seen.add(name)
-    return tools
 
 
 def pending_calls(messages: list[Message]) -> list[ToolCall]:
