@@ -6,6 +6,7 @@ import contextlib
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -69,7 +70,7 @@ format: conversations
 method: lora
 batch_size: 1
 learning_rate: 1.0e-2
-epochs: 12
+epochs: 40
 logging_steps: 1
 save_steps: 1000
 """
@@ -254,20 +255,28 @@ def _walk(server, browser, shots: Path) -> None:
     _wait_text(browser, "started run my-run")
     log = ws / "runs" / "my-run" / "output" / "trainer_log.jsonl"
 
-    # --- the curve appears and moves with no clicks: the page redraws itself while the run runs
+    # --- the curve appears and moves with no clicks: the page redraws itself while the run runs.
+    # The tiny run can end within seconds, before the page is seen mid-run, so the test pauses it
+    # (SIGSTOP to its process group) after its first logged step and lets it go once the page shows it.
     WebDriverWait(browser, 150).until(lambda d: _log_steps(log) >= 1)
-    WebDriverWait(browser, WAIT_S).until(
-        lambda d: (
-            d.find_elements(By.CSS_SELECTOR, "[data-testid='stVegaLiteChart']")
-            and _progress_text(d).startswith("step ")
+    trainer = int((ws / "runs" / "my-run" / "run.pid").read_text())
+    os.killpg(trainer, signal.SIGSTOP)
+    try:
+        WebDriverWait(browser, WAIT_S).until(
+            lambda d: (
+                d.find_elements(By.CSS_SELECTOR, "[data-testid='stVegaLiteChart']")
+                and _progress_text(d) == f"step {_log_steps(log)}"
+                and "Run my-run — running" in d.find_element(By.TAG_NAME, "body").text
+            )
         )
-    )
-    first = _progress_text(browser)
-    _shoot(browser, shots, "monitor-running")
+        first = _progress_text(browser)
+        _shoot(browser, shots, "monitor-running")
+    finally:
+        os.killpg(trainer, signal.SIGCONT)
     WebDriverWait(browser, WAIT_S).until(lambda d: _progress_text(d) not in ("", first))
     assert int(_progress_text(browser).split()[1]) > int(first.split()[1])  # the step moved on
     _wait_text(browser, "Run my-run — finished", timeout=150)
-    assert (ws / "runs" / "my-run" / "output" / "final").is_dir() and _log_steps(log) >= 12
+    assert (ws / "runs" / "my-run" / "output" / "final").is_dir() and _log_steps(log) >= 40
     _shoot(browser, shots, "monitor")
 
     # --- refresh the browser: the run's page comes back from the URL and the files

@@ -424,6 +424,18 @@ def test_monitor_follows_a_running_run_and_survives_refresh(tmp_path: Path) -> N
     assert at.subheader[0].value == "Run live — failed"
 
 
+def test_long_curves_are_thinned_keeping_the_first_and_last_step() -> None:
+    import pandas as pd
+
+    from chattune.web.views.monitor import thin
+
+    curve = pd.DataFrame({"step": range(1, 5002), "train loss": range(5001)}).set_index("step")
+    short = thin(curve, points=500)
+    assert 400 <= len(short) <= 501
+    assert short.index[0] == 1 and short.index[-1] == 5001 and short.index.is_monotonic_increasing
+    assert thin(curve.head(300), points=500).equals(curve.head(300))  # short curves are left whole
+
+
 def test_export_links_to_monitor_with_the_config_prefilled(tmp_path: Path) -> None:
     ws = Workspace(tmp_path / "ws")
     store = LabelStore(ws.labels_path)

@@ -10,7 +10,8 @@ from chattune.train.callbacks import format_eta
 from chattune.web import nav
 from chattune.web.workspace import CONFIG_FILE, RunInfo, Workspace, current
 
-REFRESH_S = 1.0  # how often a running run's page redraws itself from its files
+REFRESH_S = 2.0  # how often a running run's page redraws itself from its files
+CURVE_POINTS = 500  # the most points a loss curve draws
 
 
 def refresh_every(runs: list[RunInfo]) -> float | None:
@@ -30,6 +31,21 @@ epochs: 3
 logging_steps: 1
 save_steps: 50
 """
+
+
+def thin(curve: pd.DataFrame, points: int = CURVE_POINTS) -> pd.DataFrame:
+    """At most about `points` rows, evenly spread and keeping the last.
+
+    A long run logs thousands of steps; redrawing all of them every refresh costs the server and the
+    browser CPU that the training run on the same machine needs.
+    """
+    if len(curve) <= points:
+        return curve
+    stride = -(-len(curve) // points)
+    picked = list(range(0, len(curve), stride))
+    if picked[-1] != len(curve) - 1:
+        picked.append(len(curve) - 1)
+    return curve.iloc[picked]
 
 
 def runs_table(runs: list[RunInfo]) -> None:
@@ -60,9 +76,9 @@ def run_details(ws: Workspace, info: RunInfo) -> None:
             curve = curve.join(
                 pd.DataFrame(evals, columns=["step", "eval loss"]).set_index("step"), how="outer"
             )
-        st.line_chart(curve)
+        st.line_chart(thin(curve))
         with st.expander("Metrics"):
-            st.dataframe(pd.DataFrame(info.log).tail(50), width="stretch")
+            st.dataframe(pd.DataFrame(info.log[-50:]), width="stretch")
     else:
         st.caption("no loss logged yet")
     col_stop, col_resume, col_refresh = st.columns(3)
