@@ -38,7 +38,19 @@ from typing import Any
 import psutil
 import torch
 
-RUNS = ("chattune", "chattune-packing", "chattune-gc", "trl", "trl-nogc", "trl-packing")
+RUNS = (
+    "chattune",
+    "chattune-packing",
+    "chattune-gc",
+    "chattune-glibc",
+    "trl",
+    "trl-nogc",
+    "trl-packing",
+    "trl-tcmalloc",
+)
+# the malloc each run uses: chattune's own choice (what `chattune train` does: tcmalloc when installed), TRL as
+# its users run it (glibc); the -glibc / -tcmalloc runs swap them, to show what the allocator alone is worth
+ALLOCATOR = {"chattune-glibc": "system", "trl-tcmalloc": "tcmalloc"}
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared/data/seed000-advertisegen/dev.json"
 MIB = 2**20
 METRICS = ("wall_s", "sup_tok_s", "all_tok_s", "peak_rss_mib", "peak_gpu_mib", "train_loss", "last_loss")
@@ -118,7 +130,7 @@ def run_chattune(a: argparse.Namespace, out: Path, counts: dict[str, int]) -> di
     job |= {"lora_rank": 8, "lora_alpha": 16, "lora_dropout": 0.0, "batch_size": 8, "grad_accum": 1}
     job |= {"learning_rate": 2e-4, "epochs": 1, "max_steps": a.max_steps, "seed": 0, "report_to": "none"}
     job |= {"save_steps": 10**9, "logging_steps": 1, "output_dir": str(out), "overwrite_output_dir": True}
-    job |= {"gradient_checkpointing": a.child == "chattune-gc"}
+    job |= {"gradient_checkpointing": a.child == "chattune-gc", "allocator": ALLOCATOR.get(a.child, "auto")}
     cfg = build_config(job)
     run_training(cfg)
     log = [json.loads(line) for line in (out / "trainer_log.jsonl").read_text().splitlines()]
@@ -162,11 +174,15 @@ def run_trl(a: argparse.Namespace, out: Path, counts: dict[str, int]) -> dict[st
 
 def child(a: argparse.Namespace) -> None:
     """One run in this process; writes its measurements to --result."""
+    from chattune.system import current_allocator, use_allocator
+
+    use_allocator(ALLOCATOR.get(a.child, "auto" if a.child.startswith("chattune") else "system"))
     out = a.workdir / f"{a.child}-{a.rep}"
     counts = {"all": 0, "sup": 0, "rss0": 0}
     res = (run_chattune if a.child.startswith("chattune") else run_trl)(a, out, counts)
     res |= {"tokens": counts["all"], "supervised": counts["sup"], "rss_first_step_mib": counts["rss0"] / MIB}
     res["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    res["malloc"] = current_allocator()
     if a.device == "cuda":
         res["peak_gpu_mib"] = torch.cuda.max_memory_allocated() / MIB
     shutil.rmtree(out, ignore_errors=True)
@@ -207,7 +223,18 @@ def report(results: dict[str, dict[str, Any]], peak: float, device: str) -> None
 
     table = Table(title=f"LoRA training throughput ({device}, medians)")
     table.add_column("run")
-    for h in ("GC", "wall s", "sup tok/s", "all tok/s", "RSS MiB", "train loss", "last loss", "steps", "MFU"):
+    for h in (
+        "GC",
+        "malloc",
+        "wall s",
+        "sup tok/s",
+        "all tok/s",
+        "RSS MiB",
+        "train loss",
+        "last loss",
+        "steps",
+        "MFU",
+    ):
         table.add_column(h, justify="right")
     for name, r in results.items():
         row = [
@@ -217,7 +244,7 @@ def report(results: dict[str, dict[str, Any]], peak: float, device: str) -> None
             f"{r['peak_rss_mib']:,.0f}",
         ]
         row += [f"{r['train_loss']:.4f}", f"{r['last_loss']:.4f}", str(r["steps"]), f"{100 * r['mfu']:.1f}%"]
-        table.add_row(name, "yes" if r["gc"] else "no", *row)
+        table.add_row(name, "yes" if r["gc"] else "no", r.get("malloc", "?"), *row)
     console = Console(width=max(Console().width, 120))
     console.print(table)
     precision = "bf16" if device == "cuda" else "fp32"

@@ -22,6 +22,8 @@ app.add_typer(model_app, name="model")
 out = Console(soft_wrap=True)
 err = Console(stderr=True, soft_wrap=True)
 
+RUNNING_AS_PROGRAM = False  # set by main(): this process is the `chattune` program itself
+
 ConfigArg = Annotated[Path, typer.Argument(help="YAML config file")]
 Overrides = Annotated[list[str] | None, typer.Argument(help="key=value overrides of config keys")]
 
@@ -30,9 +32,14 @@ Overrides = Annotated[list[str] | None, typer.Argument(help="key=value overrides
 def train(config: ConfigArg, overrides: Overrides = None) -> None:
     """Fine-tune a model: `chattune train CONFIG.yaml [key=value ...]`."""
     from chattune.config import load_config
+    from chattune.system import use_allocator
+
+    cfg = load_config(config, overrides or [])
+    if RUNNING_AS_PROGRAM:  # never exec over a caller that imported the app (tests, notebooks)
+        use_allocator(cfg.allocator)
     from chattune.train.run import run_training
 
-    run_training(load_config(config, overrides or []), console=err)
+    run_training(cfg, console=err)
 
 
 ModelOpt = Annotated[
@@ -343,6 +350,8 @@ def quiet_libraries() -> None:
 
 def main() -> None:
     """Entry point: run the app; user-facing errors become one paragraph on stderr and a non-zero exit."""
+    global RUNNING_AS_PROGRAM
+    RUNNING_AS_PROGRAM = True
     if not any(a in ("--help", "-h") for a in sys.argv[1:]) and len(sys.argv) > 1:
         quiet_libraries()
     try:

@@ -74,6 +74,10 @@ class TrainConfig(BaseModel):
     num_threads: int | None = Field(
         None, gt=0, description="CPU threads; default: the cores this process may use"
     )
+    allocator: Literal["auto", "tcmalloc", "jemalloc", "system"] = Field(
+        "auto",
+        description="malloc for `chattune train` on Linux: auto = tcmalloc, else jemalloc, when installed",
+    )
 
     # logging, checkpoints
     output_dir: str = "runs/my-run"

@@ -13,6 +13,7 @@ import pytest
 
 from chattune.config import build_config
 from chattune.errors import ChattuneError, ConfigError
+from chattune.system import find_allocator
 from chattune.train.run import run_training
 
 
@@ -76,3 +77,7 @@ def test_ctrl_c_saves_a_checkpoint_then_resume_finishes(tiny_model_dir, data, tm
                           env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]
     assert "Resuming from" in done.stderr and (out / "final").is_dir()
+    # the program re-ran itself under the faster malloc when the machine has one (chattune/system.py)
+    lib = find_allocator("auto")
+    expected = "system" if lib is None else "tcmalloc" if "tcmalloc" in lib.name else "jemalloc"
+    assert f"allocator: {expected}" in done.stderr

@@ -192,7 +192,7 @@ def run_training(cfg: TrainConfig, console: Console | None = None) -> Path:
     from chattune.data.prepare import encode_split, template_for
     from chattune.models.load import load_model, load_tokenizer, pick_precision
     from chattune.models.methods import apply_method, describe_trainable
-    from chattune.system import available_cores
+    from chattune.system import available_cores, current_allocator
     from chattune.train.callbacks import RunLogCallback, TokenCounter
     from chattune.train.guards import (
         StopRequest,
@@ -249,7 +249,10 @@ def run_training(cfg: TrainConfig, console: Console | None = None) -> Path:
     console.print(describe_trainable(model), highlight=False)
     if int(os.environ.get("RANK", "0")) == 0:
         check_output_dir_writable(out, checkpoint_bytes(model, cfg.save_total_limit))
-    console.print(f"precision: {precision}   threads: {torch.get_num_threads()}   template: {template.name}")
+    console.print(
+        f"precision: {precision}   threads: {torch.get_num_threads()}   template: {template.name}"
+        f"   allocator: {current_allocator()}"
+    )
 
     if int(os.environ.get("RANK", "0")) == 0:
         save_config(cfg, out / "config.yaml")
