@@ -42,6 +42,7 @@ RUNS = (
     "chattune",
     "chattune-packing",
     "chattune-gc",
+    "chattune-mlpgc",
     "chattune-glibc",
     "trl",
     "trl-nogc",
@@ -130,7 +131,8 @@ def run_chattune(a: argparse.Namespace, out: Path, counts: dict[str, int]) -> di
     job |= {"lora_rank": 8, "lora_alpha": 16, "lora_dropout": 0.0, "batch_size": 8, "grad_accum": 1}
     job |= {"learning_rate": 2e-4, "epochs": 1, "max_steps": a.max_steps, "seed": 0, "report_to": "none"}
     job |= {"save_steps": 10**9, "logging_steps": 1, "output_dir": str(out), "overwrite_output_dir": True}
-    job |= {"gradient_checkpointing": a.child == "chattune-gc", "allocator": ALLOCATOR.get(a.child, "auto")}
+    gc = {"chattune-gc": True, "chattune-mlpgc": "mlp"}.get(a.child, False)
+    job |= {"gradient_checkpointing": gc, "allocator": ALLOCATOR.get(a.child, "auto")}
     cfg = build_config(job)
     run_training(cfg)
     log = [json.loads(line) for line in (out / "trainer_log.jsonl").read_text().splitlines()]
@@ -244,7 +246,8 @@ def report(results: dict[str, dict[str, Any]], peak: float, device: str) -> None
             f"{r['peak_rss_mib']:,.0f}",
         ]
         row += [f"{r['train_loss']:.4f}", f"{r['last_loss']:.4f}", str(r["steps"]), f"{100 * r['mfu']:.1f}%"]
-        table.add_row(name, "yes" if r["gc"] else "no", r.get("malloc", "?"), *row)
+        gc = {True: "yes", False: "no"}.get(r["gc"], str(r["gc"]))  # or "mlp"
+        table.add_row(name, gc, r.get("malloc", "?"), *row)
     console = Console(width=max(Console().width, 120))
     console.print(table)
     precision = "bf16" if device == "cuda" else "fp32"

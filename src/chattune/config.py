@@ -69,7 +69,11 @@ class TrainConfig(BaseModel):
     max_grad_norm: float = Field(1.0, ge=0)
     epochs: float = Field(3, gt=0)
     max_steps: int | None = Field(None, gt=0, description="overrides epochs when set")
-    gradient_checkpointing: bool = Field(False, description="trade speed for activation memory")
+    gradient_checkpointing: bool | Literal["mlp"] = Field(
+        False,
+        description="trade speed for activation memory: true recomputes whole layers in backward, "
+        "mlp only the MLP blocks (most of the memory for about half the extra time)",
+    )
     seed: int = 42
     num_threads: int | None = Field(
         None, gt=0, description="CPU threads; default: the cores this process may use"

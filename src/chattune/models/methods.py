@@ -22,7 +22,9 @@ def lora(model: Any, cfg: TrainConfig) -> Any:
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
     if cfg.quantization_bit is not None:
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=cfg.gradient_checkpointing is True
+        )
     config = LoraConfig(
         task_type="CAUSAL_LM",
         r=cfg.lora_rank,

@@ -145,7 +145,7 @@ def training_arguments(cfg: TrainConfig, precision: str) -> Any:
         fp16=precision == "fp16",
         use_cpu=not torch.cuda.is_available(),
         optim="adamw_torch_fused",  # one kernel for all parameters, on CUDA and (torch >= 2.4) CPU alike
-        gradient_checkpointing=cfg.gradient_checkpointing,
+        gradient_checkpointing=cfg.gradient_checkpointing is True,  # whole layers; `mlp` is ours
         report_to=[] if cfg.report_to == "none" else [cfg.report_to],
         deepspeed=deepspeed_config(cfg.deepspeed),
         disable_tqdm=True,
@@ -246,6 +246,10 @@ def run_training(cfg: TrainConfig, console: Console | None = None) -> Path:
 
         model.set_attn_implementation(register_packed_attention())
     model = apply_method(model, cfg)
+    if cfg.gradient_checkpointing == "mlp":
+        from chattune.models.checkpointing import checkpoint_mlps
+
+        checkpoint_mlps(model)
     console.print(describe_trainable(model), highlight=False)
     if int(os.environ.get("RANK", "0")) == 0:
         check_output_dir_writable(out, checkpoint_bytes(model, cfg.save_total_limit))
