@@ -16,9 +16,8 @@ from torch.utils.checkpoint import checkpoint
 
 from chattune.errors import ConfigError
 
-MLP_NAME = (
-    "mlp"  # the attribute name of the MLP block in Llama, Qwen, Mistral, Gemma, GPT-2, ChatGLM... layers
-)
+# the attribute name of the MLP block in Llama, Qwen, Mistral, Gemma, GPT-2, ChatGLM... decoder layers
+MLP_NAME = "mlp"
 
 
 def _recomputed(forward: Any, *args: Any, **kwargs: Any) -> Any:
