@@ -38,6 +38,8 @@ from typing import Any
 import psutil
 import torch
 
+from chattune.system import available_cores
+
 RUNS = (
     "chattune",
     "chattune-packing",
@@ -57,9 +59,9 @@ MIB = 2**20
 METRICS = ("wall_s", "sup_tok_s", "all_tok_s", "peak_rss_mib", "peak_gpu_mib", "train_loss", "last_loss")
 
 
-def cores() -> int:
-    """CPU cores this process may use (affinity-aware), as chattune uses them."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+def allocator_for(run: str) -> str:
+    """The malloc a run uses (see ALLOCATOR): chattune's own choice, or glibc for TRL, unless swapped."""
+    return ALLOCATOR.get(run, "auto" if run.startswith("chattune") else "system")
 
 
 def fit(text: str, tokenizer: Any, budget: int) -> str:
@@ -87,7 +89,7 @@ def prepare_data(src: Path, rows: int, tokenizer: Any, max_length: int, out: Pat
 def matmul_peak(device: str, trials: int = 5) -> float:
     """Best GFLOP/s of a square matmul loop: 2048 fp32 on CPU (all cores), 8192 bf16 on CUDA."""
     n, reps, dtype = (8192, 20, torch.bfloat16) if device == "cuda" else (2048, 4, torch.float32)
-    torch.set_num_threads(cores())
+    torch.set_num_threads(available_cores())
     a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     best = 0.0
@@ -132,7 +134,7 @@ def run_chattune(a: argparse.Namespace, out: Path, counts: dict[str, int]) -> di
     job |= {"learning_rate": 2e-4, "epochs": 1, "max_steps": a.max_steps, "seed": 0, "report_to": "none"}
     job |= {"save_steps": 10**9, "logging_steps": 1, "output_dir": str(out), "overwrite_output_dir": True}
     gc = {"chattune-gc": True, "chattune-mlpgc": "mlp"}.get(a.child, False)
-    job |= {"gradient_checkpointing": gc, "allocator": ALLOCATOR.get(a.child, "auto")}
+    job |= {"gradient_checkpointing": gc}
     cfg = build_config(job)
     run_training(cfg)
     log = [json.loads(line) for line in (out / "trainer_log.jsonl").read_text().splitlines()]
@@ -150,7 +152,7 @@ def run_trl(a: argparse.Namespace, out: Path, counts: dict[str, int]) -> dict[st
     from transformers import AutoTokenizer
     from trl import SFTConfig, SFTTrainer
 
-    torch.set_num_threads(cores())  # as chattune does
+    torch.set_num_threads(available_cores())  # as chattune does
     rows = [json.loads(line) for line in (a.workdir / "data.jsonl").read_text(encoding="utf-8").splitlines()]
     dataset = datasets.Dataset.from_list([{"prompt": r["prompt"], "completion": r["response"]} for r in rows])
     job: dict[str, Any] = {"output_dir": str(out), "per_device_train_batch_size": 8, "learning_rate": 2e-4}
@@ -178,7 +180,7 @@ def child(a: argparse.Namespace) -> None:
     """One run in this process; writes its measurements to --result."""
     from chattune.system import current_allocator, use_allocator
 
-    use_allocator(ALLOCATOR.get(a.child, "auto" if a.child.startswith("chattune") else "system"))
+    use_allocator(allocator_for(a.child))
     out = a.workdir / f"{a.child}-{a.rep}"
     counts = {"all": 0, "sup": 0, "rss0": 0}
     res = (run_chattune if a.child.startswith("chattune") else run_trl)(a, out, counts)
@@ -338,7 +340,12 @@ def main() -> None:
     report(results, peak, a.device)
     if a.json:
         settings = {k: str(v) for k, v in vars(a).items() if k not in ("child", "rep", "result")}
-        payload = {"settings": settings, "n_params": n_params, "peak_gflops": peak, "cores": cores()}
+        payload = {
+            "settings": settings,
+            "n_params": n_params,
+            "peak_gflops": peak,
+            "cores": available_cores(),
+        }
         a.json.write_text(json.dumps(payload | {"medians": results, "runs": raw}, indent=2))
     if not keep:
         shutil.rmtree(a.workdir, ignore_errors=True)
