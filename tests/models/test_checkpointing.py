@@ -7,52 +7,19 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
 
 from chattune.config import build_config
 from chattune.errors import ConfigError
 from chattune.models.checkpointing import checkpoint_mlps
-from chattune.models.methods import apply_method
 from chattune.train.run import run_training
 
 
-def _lora_model(model_dir: Path):
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    cfg = build_config(
-        {"model": str(model_dir), "train_file": "x", "method": "lora", "lora_target": "all-linear"}
-    )
-    model = apply_method(model, cfg)
-    for name, p in model.named_parameters():  # B starts at zero: make the adapters matter in the check
-        if "lora_B" in name:
-            torch.nn.init.normal_(p, std=0.02)
-    return model
-
-
-def _step(model, ids: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor], int]:
-    """Loss, adapter gradients and the bytes autograd saved for backward."""
-    saved: dict[int, int] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    model.train()
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = model(input_ids=ids, labels=ids).loss
-    loss.backward()
-    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
-    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    activations = sum(n for ptr, n in saved.items() if ptr not in weights)
-    return loss.detach(), grads, activations
-
-
-def test_same_gradients_with_less_saved(tiny_model_dir: Path) -> None:
+def test_same_gradients_with_less_saved(tiny_model_dir: Path, make_lora_model, lora_step) -> None:
     ids = torch.randint(0, 50, (4, 48), generator=torch.Generator().manual_seed(0))
-    loss, grads, kept = _step(_lora_model(tiny_model_dir), ids)
-    model = _lora_model(tiny_model_dir)
+    loss, grads, kept = lora_step(make_lora_model(tiny_model_dir), ids)
+    model = make_lora_model(tiny_model_dir)
     assert checkpoint_mlps(model) == 2  # one MLP per layer of the 2-layer model
-    loss_ckpt, grads_ckpt, kept_ckpt = _step(model, ids)
+    loss_ckpt, grads_ckpt, kept_ckpt = lora_step(model, ids)
     assert torch.allclose(loss, loss_ckpt)
     assert grads.keys() == grads_ckpt.keys() and len(grads) > 0
     for name in grads:
@@ -61,8 +28,8 @@ def test_same_gradients_with_less_saved(tiny_model_dir: Path) -> None:
     assert kept_ckpt < 0.75 * kept, (kept_ckpt, kept)
 
 
-def test_wrapping_twice_is_a_no_op_and_eval_is_untouched(tiny_model_dir: Path) -> None:
-    model = _lora_model(tiny_model_dir)
+def test_wrapping_twice_is_a_no_op_and_eval_is_untouched(tiny_model_dir: Path, make_lora_model) -> None:
+    model = make_lora_model(tiny_model_dir)
     checkpoint_mlps(model)
     forwards = [m.forward for n, m in model.named_modules() if n.endswith(".mlp")]
     assert checkpoint_mlps(model) == 2

@@ -1,0 +1,132 @@
+"""The fused LoRA SwiGLU MLP: the same loss and gradients as peft's modules, with less saved for backward."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import torch
+from rich.console import Console
+
+from chattune.config import build_config
+from chattune.models import fused_mlp
+from chattune.models.checkpointing import checkpoint_mlps
+from chattune.models.fused_mlp import FusedLoraMlpForward, fuse_lora_mlps
+from chattune.train.run import run_training
+
+IDS = torch.randint(0, 50, (4, 48), generator=torch.Generator().manual_seed(0))
+
+
+def _mlps(model) -> list:
+    return [m for n, m in model.named_modules() if n.endswith(".mlp")]
+
+
+def test_same_loss_and_gradients_with_less_saved(tiny_model_dir: Path, make_lora_model, lora_step) -> None:
+    loss, grads, kept = lora_step(make_lora_model(tiny_model_dir, lora_dropout=0.0), IDS)
+    model = make_lora_model(tiny_model_dir, lora_dropout=0.0)
+    assert fuse_lora_mlps(model) == 2
+    loss_fused, grads_fused, kept_fused = lora_step(model, IDS)
+    assert torch.allclose(loss, loss_fused, rtol=1e-6)
+    assert grads.keys() == grads_fused.keys() and any("mlp" in n for n in grads)
+    for name in grads:
+        assert torch.allclose(grads[name], grads_fused[name], rtol=1e-4, atol=1e-7), name
+    # per token the tiny MLP saved 4 x 128 wide tensors; fused it saves 2 of them
+    assert kept_fused < kept - 2 * IDS.numel() * 128 * 4 * 2 * 0.95, (kept_fused, kept)
+
+
+def test_composes_with_mlp_checkpointing(tiny_model_dir: Path, make_lora_model, lora_step) -> None:
+    loss, grads, _ = lora_step(make_lora_model(tiny_model_dir, lora_dropout=0.0), IDS)
+    model = make_lora_model(tiny_model_dir, lora_dropout=0.0)
+    fuse_lora_mlps(model)
+    checkpoint_mlps(model)
+    loss_both, grads_both, _ = lora_step(model, IDS)
+    assert torch.allclose(loss, loss_both, rtol=1e-6)
+    for name in grads:
+        assert torch.allclose(grads[name], grads_both[name], rtol=1e-4, atol=1e-7), name
+
+
+def test_runs_the_original_forward_where_it_does_not_apply(tiny_model_dir: Path, make_lora_model) -> None:
+    model = make_lora_model(tiny_model_dir, lora_dropout=0.0)
+    assert fuse_lora_mlps(model) == 2 and fuse_lora_mlps(model) == 2  # a second call changes nothing
+    mlp = _mlps(model)[0]
+    assert isinstance(mlp.forward, FusedLoraMlpForward)
+    x = torch.randn(2, 5, 64, requires_grad=True)
+    fused = mlp(x)
+    with model.disable_adapter():  # adapters off: the base block, which the fused path must not compute
+        plain = mlp(x)
+        assert torch.allclose(plain, mlp.forward.original(x))
+    assert not torch.allclose(fused, plain)
+    with torch.no_grad():  # eval and generation take the stock path
+        assert torch.allclose(mlp(x), fused, atol=1e-6)
+
+
+class _FixedMask(torch.nn.Module):
+    """Dropout with a given keep mask, to replay the masks a fused run drew through peft's modules."""
+
+    def __init__(self, mask: torch.Tensor, p: float):
+        super().__init__()
+        self.mask, self.p = mask, p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.mask.reshape(x.shape) / (1 - self.p)
+
+
+def test_lora_dropout_gives_peft_gradients_for_the_same_masks(
+    tiny_model_dir: Path, make_lora_model, lora_step, monkeypatch
+) -> None:
+    # adapters on the MLP only, so that every dropout mask in the model is one the fused function draws
+    settings = {"lora_dropout": 0.3, "lora_target": list(fused_mlp.PROJECTIONS)}
+    model = make_lora_model(tiny_model_dir, **settings)
+    assert fuse_lora_mlps(model) == 2
+    drawn: list[torch.Tensor] = []
+    draw = fused_mlp.keep_mask
+    monkeypatch.setattr(fused_mlp, "keep_mask", lambda like, p: drawn.append(draw(like, p)) or drawn[-1])
+    loss, grads, _ = lora_step(model, IDS)
+    assert len(drawn) == 6 and 0.6 < float(torch.cat([m.flatten() for m in drawn]).float().mean()) < 0.8
+
+    reference = make_lora_model(tiny_model_dir, **settings)
+    masks = iter(drawn)  # drawn per layer in gate, up, down order: the order of named_modules
+    for name, module in reference.named_modules():
+        if name.rsplit(".", 1)[-1] in fused_mlp.PROJECTIONS:
+            module.lora_dropout["default"] = _FixedMask(next(masks), 0.3)
+    loss_ref, grads_ref, _ = lora_step(reference, IDS)
+    assert torch.allclose(loss, loss_ref, rtol=1e-6)
+    for name in grads_ref:
+        assert torch.allclose(grads[name], grads_ref[name], rtol=1e-4, atol=1e-7), name
+    model.eval()  # no dropout in eval: the fused path must not draw masks there either
+    drawn.clear()
+    with torch.no_grad():
+        model(input_ids=IDS)
+    assert drawn == []
+
+
+def test_left_alone_where_the_structure_differs(tiny_model_dir: Path, make_lora_model) -> None:
+    attention_only = make_lora_model(tiny_model_dir, lora_dropout=0.0, lora_target=["q_proj", "v_proj"])
+    assert fuse_lora_mlps(attention_only) == 0
+    gelu = make_lora_model(tiny_model_dir, lora_dropout=0.0)
+    for name, module in gelu.named_modules():
+        if name.endswith(".mlp"):
+            module.act_fn = torch.nn.GELU()
+    assert fuse_lora_mlps(gelu) == 0
+
+
+def test_a_lora_run_uses_it_unless_switched_off(tiny_model_dir: Path, tmp_path: Path) -> None:
+
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"prompt": "Capital of France?", "response": "Paris"}) + "\n")
+    headers = {}
+    for fuse in (True, False):
+        values = {"model": str(tiny_model_dir), "train_file": str(data), "format": "prompt_response"}
+        values |= {"output_dir": str(tmp_path / f"out-{fuse}"), "fuse_lora_mlp": fuse, "max_steps": 6}
+        values |= {"batch_size": 1, "grad_accum": 1, "learning_rate": 1e-2, "logging_steps": 1}
+        log = io.StringIO()
+        run_training(build_config(values | {"num_threads": 1}), console=Console(file=log, width=200))
+        headers[fuse] = log.getvalue()
+        losses = [
+            json.loads(x)["loss"]
+            for x in (tmp_path / f"out-{fuse}" / "trainer_log.jsonl").open()
+            if '"loss"' in x
+        ]
+        assert losses[-1] < losses[0]
+    assert "fused LoRA MLPs: 2" in headers[True] and "fused LoRA MLPs" not in headers[False]
