@@ -2,7 +2,9 @@
 
 The job: SmolLM2-135M-Instruct (fp32 on CPU, bf16 on CUDA), LoRA r=8 alpha=16 dropout=0 on all linear layers,
 the first N AdvertiseGen rows as prompt (content) -> completion (summary) with the loss on the completion only,
-batch 8, max length 256, lr 2e-4, 1 epoch, seed 0, no eval, no checkpoints.
+batch 8, max length 256, lr 2e-4, 1 epoch, seed 0, no eval, no checkpoints. The "batch" column reads
+micro-batch x accumulation: chattune-4x2 takes the same 8 rows per optimizer step as two micro-batches of 4
+(the loss is normalised by the step's supervised tokens either way, so the updates are the same).
 
 Both frameworks see the same text: each content is cut (at a character boundary) to at most max_length/2
 tokens and each summary to what is left minus one for eos, so that no sample exceeds max_length and neither
@@ -40,17 +42,17 @@ import torch
 
 from chattune.system import available_cores
 
-RUNS = (
-    "chattune",
-    "chattune-packing",
-    "chattune-gc",
-    "chattune-mlpgc",
-    "chattune-glibc",
-    "trl",
-    "trl-nogc",
-    "trl-packing",
-    "trl-tcmalloc",
-)
+# chattune's runs: what each changes in chattune's job (below); the -glibc run differs in its malloc only
+CHATTUNE_RUNS: dict[str, dict[str, Any]] = {
+    "chattune": {},
+    "chattune-4x2": {"batch_size": 4, "grad_accum": 2},  # the same 8 rows per optimizer step, in two halves
+    "chattune-packing": {"packing": True},
+    "chattune-gc": {"gradient_checkpointing": True},
+    "chattune-mlpgc": {"gradient_checkpointing": "mlp"},
+    "chattune-unfused": {"fuse_lora_mlp": False},
+    "chattune-glibc": {},
+}
+RUNS = (*CHATTUNE_RUNS, "trl", "trl-nogc", "trl-packing", "trl-tcmalloc")
 # the malloc each run uses: chattune's own choice (what `chattune train` does: tcmalloc when installed), TRL as
 # its users run it (glibc); the -glibc / -tcmalloc runs swap them, to show what the allocator alone is worth
 ALLOCATOR = {"chattune-glibc": "system", "trl-tcmalloc": "tcmalloc"}
@@ -129,20 +131,30 @@ def run_chattune(a: argparse.Namespace, out: Path, counts: dict[str, int]) -> di
     job = {"model": a.model, "train_file": str(a.workdir / "data.jsonl"), "format": "prompt_response"}
     job |= {"template": "raw", "precision": "bf16" if a.device == "cuda" else "fp32"}
     job |= {"max_source_len": prompt_budget, "max_target_len": a.max_length - prompt_budget - 1}
-    job |= {"packing": a.child == "chattune-packing", "method": "lora", "lora_target": "all-linear"}
-    job |= {"lora_rank": 8, "lora_alpha": 16, "lora_dropout": 0.0, "batch_size": 8, "grad_accum": 1}
-    job |= {"learning_rate": 2e-4, "epochs": 1, "max_steps": a.max_steps, "seed": 0, "report_to": "none"}
-    job |= {"save_steps": 10**9, "logging_steps": 1, "output_dir": str(out), "overwrite_output_dir": True}
-    gc = {"chattune-gc": True, "chattune-mlpgc": "mlp"}.get(a.child, False)
-    job |= {"gradient_checkpointing": gc}
+    job |= {
+        "method": "lora",
+        "lora_target": "all-linear",
+        "lora_rank": 8,
+        "lora_alpha": 16,
+        "lora_dropout": 0.0,
+    }
+    job |= {"batch_size": 8, "grad_accum": 1, "learning_rate": 2e-4, "epochs": 1, "max_steps": a.max_steps}
+    job |= {"seed": 0, "report_to": "none", "save_steps": 10**9, "logging_steps": 1}
+    job |= {"output_dir": str(out), "overwrite_output_dir": True} | CHATTUNE_RUNS[a.child]
     cfg = build_config(job)
     run_training(cfg)
     log = [json.loads(line) for line in (out / "trainer_log.jsonl").read_text().splitlines()]
     if "train_runtime" not in log[-1]:
         raise RuntimeError(f"no train_runtime in the last record of {out}/trainer_log.jsonl: {log[-1]}")
     losses = [r["loss"] for r in log if "loss" in r]
-    gc = cfg.gradient_checkpointing
-    return {"wall_s": log[-1]["train_runtime"], "losses": losses, "steps": log[-1]["step"], "gc": gc}
+    gc, batch = cfg.gradient_checkpointing, f"{cfg.batch_size}x{cfg.grad_accum}"
+    return {
+        "wall_s": log[-1]["train_runtime"],
+        "losses": losses,
+        "steps": log[-1]["step"],
+        "gc": gc,
+        "batch": batch,
+    }
 
 
 def run_trl(a: argparse.Namespace, out: Path, counts: dict[str, int]) -> dict[str, Any]:
@@ -172,8 +184,11 @@ def run_trl(a: argparse.Namespace, out: Path, counts: dict[str, int]) -> dict[st
     trainer = SFTTrainer(a.model, args, train_dataset=dataset, processing_class=tokenizer, peft_config=lora)
     wall = trainer.train().metrics["train_runtime"]
     losses = [r["loss"] for r in trainer.state.log_history if "loss" in r]
-    gc = args.gradient_checkpointing
-    return {"wall_s": wall, "losses": losses, "steps": trainer.state.global_step, "gc": gc}
+    gc, batch = (
+        args.gradient_checkpointing,
+        f"{args.per_device_train_batch_size}x{args.gradient_accumulation_steps}",
+    )
+    return {"wall_s": wall, "losses": losses, "steps": trainer.state.global_step, "gc": gc, "batch": batch}
 
 
 def child(a: argparse.Namespace) -> None:
@@ -228,6 +243,7 @@ def report(results: dict[str, dict[str, Any]], peak: float, device: str) -> None
     table = Table(title=f"LoRA training throughput ({device}, medians)")
     table.add_column("run")
     for h in (
+        "batch",
         "GC",
         "malloc",
         "wall s",
@@ -249,7 +265,7 @@ def report(results: dict[str, dict[str, Any]], peak: float, device: str) -> None
         ]
         row += [f"{r['train_loss']:.4f}", f"{r['last_loss']:.4f}", str(r["steps"]), f"{100 * r['mfu']:.1f}%"]
         gc = {True: "yes", False: "no"}.get(r["gc"], str(r["gc"]))  # or "mlp"
-        table.add_row(name, gc, r.get("malloc", "?"), *row)
+        table.add_row(name, r.get("batch", "8x1"), gc, r.get("malloc", "?"), *row)
     console = Console(width=max(Console().width, 120))
     console.print(table)
     precision = "bf16" if device == "cuda" else "fp32"

@@ -115,6 +115,13 @@ def deepspeed_config(value: str | None) -> str | None:
     return value
 
 
+def checkpointing_field(arguments_class: type) -> str:
+    """Whole-layer checkpointing's TrainingArguments field: `activation_checkpointing` from transformers 5.2x
+    on (the old name warns there), `gradient_checkpointing` before."""
+    fields = getattr(arguments_class, "__dataclass_fields__", {})
+    return "activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"
+
+
 def training_arguments(cfg: TrainConfig, precision: str) -> Any:
     """transformers TrainingArguments from the config."""
     import torch
@@ -145,7 +152,7 @@ def training_arguments(cfg: TrainConfig, precision: str) -> Any:
         fp16=precision == "fp16",
         use_cpu=not torch.cuda.is_available(),
         optim="adamw_torch_fused",  # one kernel for all parameters, on CUDA and (torch >= 2.4) CPU alike
-        gradient_checkpointing=cfg.gradient_checkpointing is True,  # whole layers; `mlp` is ours
+        **{checkpointing_field(TrainingArguments): cfg.gradient_checkpointing is True},  # `mlp` is ours
         report_to=[] if cfg.report_to == "none" else [cfg.report_to],
         deepspeed=deepspeed_config(cfg.deepspeed),
         disable_tqdm=True,
