@@ -263,26 +263,37 @@ def data_check(
 ) -> None:
     """Show how samples are tokenised and which tokens are learnt, then the data statistics."""
     from chattune.config import load_config
-    from chattune.data.check import print_json_samples, print_sanity, print_stats
-    from chattune.data.prepare import encode_split, template_for
-    from chattune.models.load import load_tokenizer
+    from chattune.data.cache import lookup, probe_key
+    from chattune.data.check import print_check, print_json_samples
+    from chattune.data.prepare import data_cache_dir
 
     cfg = load_config(config, overrides or [])
     key = {"train": "train_file", "eval": "eval_file"}.get(split)
     if key is None:
         raise ChattuneError(f"--split must be train or eval, not {split!r}")
     cfg.require(key)
-    tokenizer = load_tokenizer(cfg.model, cfg.tokenizer, cfg.trust_remote_code)
-    template = template_for(cfg, tokenizer)
-    dataset, stats = encode_split(cfg, tokenizer, template, getattr(cfg, key), err)
-    rows = dataset.select(range(min(n, len(dataset))))
+    file = getattr(cfg, key)
+    # taken before the tokenizer loads: should its files change meanwhile, the index written below is filed
+    # under their old state, which no later run matches
+    probe = probe_key(cfg, file)
+    hit = lookup(data_cache_dir(), probe, n, with_tokens=not as_json) if probe else None
+    if hit is not None:  # already encoded: printed from the cache alone, no tokenizer (torch, transformers)
+        rows, stats, names, header = hit.rows, hit.stats, hit.tokens, (hit.template, hit.tokenizer)
+    else:
+        from chattune.data.prepare import encode_split, template_for
+        from chattune.models.load import load_tokenizer
+
+        if RUNNING_AS_PROGRAM:
+            quiet_libraries()
+        tokenizer = load_tokenizer(cfg.model, cfg.tokenizer, cfg.trust_remote_code)
+        template = template_for(cfg, tokenizer)
+        dataset, stats = encode_split(cfg, tokenizer, template, file, err, probe=probe)
+        rows = dataset.select(range(min(n, len(dataset))))
+        names, header = tokenizer, (template.name, tokenizer.name_or_path)
     if as_json:
         print_json_samples(out, rows)
         return
-    out.print(f"template: {template.name}   tokenizer: {tokenizer.name_or_path}", highlight=False)
-    for row in rows:
-        print_sanity(out, tokenizer, row["input_ids"], row["labels"])
-    print_stats(out, stats)
+    print_check(out, *header, names, rows, stats)
 
 
 @data_app.command("convert")
@@ -348,11 +359,17 @@ def quiet_libraries() -> None:
     datasets.disable_progress_bars()
 
 
+# commands that import transformers and datasets only when they need them, and call quiet_libraries() then
+# (`data check` on an already encoded file needs neither: importing them would be most of its time)
+LAZY_COMMANDS = (["data", "check"],)
+
+
 def main() -> None:
     """Entry point: run the app; user-facing errors become one paragraph on stderr and a non-zero exit."""
     global RUNNING_AS_PROGRAM
     RUNNING_AS_PROGRAM = True
-    if not any(a in ("--help", "-h") for a in sys.argv[1:]) and len(sys.argv) > 1:
+    args = sys.argv[1:]
+    if args and not any(a in ("--help", "-h") for a in args) and args[:2] not in LAZY_COMMANDS:
         quiet_libraries()
     try:
         app()

@@ -30,6 +30,16 @@ def print_sanity(console: Console, tokenizer: Any, input_ids: Sequence[int], lab
     console.print("<<<<<<<<<<<<< Sanity Check", markup=False, highlight=False)
 
 
+def print_check(
+    console: Console, template_name: str, tokenizer_name: str, tokenizer: Any, rows: Any, stats: DataStats
+) -> None:
+    """`data check`'s report: the template and tokenizer, each row's sanity table, then the statistics."""
+    console.print(f"template: {template_name}   tokenizer: {tokenizer_name}", highlight=False)
+    for row in rows:
+        print_sanity(console, tokenizer, row["input_ids"], row["labels"])
+    print_stats(console, stats)
+
+
 def print_json_samples(console: Console, rows: Any) -> None:
     """One JSON object per sample, unpadded, nothing else."""
     for row in rows:

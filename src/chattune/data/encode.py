@@ -9,12 +9,11 @@ import multiprocessing
 import os
 import tempfile
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import datasets
 import pyarrow as pa
 
 from chattune import __version__
@@ -24,8 +23,11 @@ from chattune.data.schema import Sample
 from chattune.data.templates import Encoded, Template
 from chattune.system import available_cores
 
+if TYPE_CHECKING:  # `datasets` costs about a second to import; `data check` on a cached file never needs it
+    import datasets
+
 # bump when encoding changes in a way old caches must not be reused for
-_ENCODING_REVISION = 2
+ENCODING_REVISION = 2
 _BATCH = 1000
 # files with more samples than this are encoded by a pool of worker processes (one per core): below it,
 # starting the pool costs more than it saves
@@ -87,7 +89,7 @@ def cache_key(path: Path, template: Template, tokenizer: Any, settings: dict[str
         "limits": asdict(template.limits),
         "tokenizer": tokenizer_fingerprint(tokenizer),
         "settings": settings,
-        "version": [__version__, _ENCODING_REVISION],
+        "version": [__version__, ENCODING_REVISION],
     }
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
 
@@ -188,6 +190,18 @@ def _write_arrow(rows: Iterator[tuple[list[int], list[int]]], target: Path) -> N
             os.unlink(tmp)
 
 
+def entry_paths(cache_dir: Path, key: str) -> tuple[Path, Path]:
+    """The cache entry for a key: the Arrow stream of rows and its statistics."""
+    return cache_dir / f"{key}.arrow", cache_dir / f"{key}.stats.json"
+
+
+def load_stats(meta: Path) -> DataStats:
+    """The statistics saved beside a cache entry, marked as coming from the cache."""
+    stats = DataStats(**json.loads(meta.read_text()))
+    stats.cached = True
+    return stats
+
+
 def encode_file(
     path: str | Path,
     template: Template,
@@ -197,21 +211,28 @@ def encode_file(
     on_bad_record: str = "error",
     cache_dir: Path | None = None,
     progress: Any = None,
+    on_entry: Callable[[str], None] | None = None,
 ) -> tuple[datasets.Dataset, DataStats]:
-    """The encoded dataset for a file (from the cache when this exact preprocessing ran before) and its stats."""
+    """The encoded dataset for a file (from the cache when this exact preprocessing ran before) and its stats.
+
+    `on_entry` is called with the cache key once the entry is on disk (found or written).
+    """
+    import datasets
+
     path = Path(path)
     stats = DataStats(file=str(path))
     check_file(path, "data file")
     key = cache_key(path, template, tokenizer, {"format": fmt, "on_bad_record": on_bad_record})
     base = cache_dir or Path(tempfile.gettempdir()) / "chattune-data"
-    arrow, meta = base / f"{key}.arrow", base / f"{key}.stats.json"
+    arrow, meta = entry_paths(base, key)
     if arrow.is_file() and meta.is_file():
-        saved = json.loads(meta.read_text())
-        stats = DataStats(**saved)
-        stats.cached = True
-        return datasets.Dataset.from_file(str(arrow)), stats
-    _write_arrow(_encode_stream(path, template, fmt, on_bad_record, stats, progress), arrow)
-    meta_tmp = meta.with_suffix(".tmp")
-    meta_tmp.write_text(json.dumps(asdict(stats) | {"cached": False}))
-    os.replace(meta_tmp, meta)
-    return datasets.Dataset.from_file(str(arrow)), stats
+        stats = load_stats(meta)
+    else:
+        _write_arrow(_encode_stream(path, template, fmt, on_bad_record, stats, progress), arrow)
+        meta_tmp = meta.with_suffix(".tmp")
+        meta_tmp.write_text(json.dumps(asdict(stats) | {"cached": False}))
+        os.replace(meta_tmp, meta)
+    dataset = datasets.Dataset.from_file(str(arrow))
+    if on_entry is not None:  # only an entry that loads is worth pointing at
+        on_entry(key)
+    return dataset, stats

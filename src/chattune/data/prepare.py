@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import datasets
 from rich.console import Console
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 from chattune.config import TrainConfig
+from chattune.data.cache import remember
 from chattune.data.encode import DataStats, encode_file
 from chattune.data.templates import Limits, Template, build_template
+
+if TYPE_CHECKING:
+    import datasets
 
 
 def limits_of(cfg: TrainConfig) -> Limits:
@@ -32,9 +36,20 @@ def data_cache_dir() -> Path:
 
 
 def encode_split(
-    cfg: TrainConfig, tokenizer: Any, template: Template, file: str, console: Console
+    cfg: TrainConfig,
+    tokenizer: Any,
+    template: Template,
+    file: str,
+    console: Console,
+    probe: str | None = None,
 ) -> tuple[datasets.Dataset, DataStats]:
-    """Encode one data file as the config says, showing progress on the console."""
+    """Encode one data file as the config says, showing progress on the console.
+
+    With a `probe` (taken before the tokenizer loaded), the cache entry is also indexed under it, so that
+    `data check` finds it next time without loading the tokenizer.
+    """
+    cache_dir = data_cache_dir()
+    on_entry = partial(remember, cache_dir, probe, template.name, tokenizer) if probe is not None else None
     columns = (SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn())
     with Progress(*columns, console=console, transient=True) as bar:
         task = bar.add_task(f"Encoding {file}", total=None)
@@ -49,6 +64,7 @@ def encode_split(
             tokenizer,
             fmt=cfg.format,
             on_bad_record=cfg.on_bad_record,
-            cache_dir=data_cache_dir(),
+            cache_dir=cache_dir,
             progress=tick,
+            on_entry=on_entry,
         )
