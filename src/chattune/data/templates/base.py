@@ -47,7 +47,7 @@ class Encoded:
     @property
     def n_trained(self) -> int:
         """How many positions carry a label."""
-        return sum(label != IGNORE_INDEX for label in self.labels)
+        return len(self.labels) - self.labels.count(IGNORE_INDEX)  # list.count runs in C
 
 
 class Template(Protocol):

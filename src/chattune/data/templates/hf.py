@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import bisect
 import itertools
 import json
 import re
@@ -171,31 +172,30 @@ class HFChatTemplate:
         if not isinstance(sample, Conversation):
             return self.raw.encode(sample)
         text, spans = self.trained_spans(sample)
-        ids, starts = self._tokenize(text, spans)
+        ids, offsets = self._tokenize(text, spans)
         labels = [IGNORE_INDEX] * len(ids)
-        k = 0
-        for j, start in enumerate(starts):
-            while k < len(spans) and start >= spans[k][1]:
-                k += 1
-            if k < len(spans) and spans[k][0] <= start < spans[k][1]:
-                labels[j] = ids[j]
+        for a, b in spans:
+            # offsets ascend, so a span's tokens are one slice; (a,) sorts before every (a, end) offset
+            lo, hi = bisect.bisect_left(offsets, (a,)), bisect.bisect_left(offsets, (b,))
+            labels[lo:hi] = ids[lo:hi]
         n = self.limits.max_seq_len
         return Encoded(ids[:n], labels[:n], truncated=len(ids) > n)
 
-    def _tokenize(self, text: str, spans: list[tuple[int, int]]) -> tuple[list[int], list[int]]:
-        """Token ids and each token's start character (fast tokenizers give offsets directly)."""
+    def _tokenize(self, text: str, spans: list[tuple[int, int]]) -> tuple[list[int], list[tuple[int, ...]]]:
+        """Token ids and each token's character offsets, (start, end) or (start,) (ascending either way)."""
         if getattr(self.tok, "is_fast", False):
             # the Rust tokenizer directly: the same ids and offsets without the Python wrapper's per-call cost
             enc = self.tok.backend_tokenizer.encode(text, add_special_tokens=False)
-            return enc.ids, [s for s, _ in enc.offsets]
+            return enc.ids, enc.offsets
         # slow tokenizers: encode the text piecewise at span boundaries so no token straddles one
         cuts = sorted({0, len(text), *[c for span in spans for c in span]})
-        ids, starts = [], []
+        ids: list[int] = []
+        offsets: list[tuple[int, ...]] = []
         for a, b in itertools.pairwise(cuts):
             piece = self.tok.encode(text[a:b], add_special_tokens=False)
             ids += piece
-            starts += [a] * len(piece)
-        return ids, starts
+            offsets += [(a,)] * len(piece)
+        return ids, offsets
 
     def encode_prompt(self, sample: Sample) -> list[int]:
         """The conversation rendered with the generation prompt, tokenised as in training."""
