@@ -58,4 +58,4 @@ def test_a_worker_error_is_raised_as_itself(tmp_path, chatml_tokenizer, monkeypa
     monkeypatch.setattr(encode, "available_cores", lambda: 2)
     samples = (s for _, s in encode.read_samples(data, "auto", "error", encode.ReadReport()))
     with pytest.raises(ValueError, match="question 97"):
-        list(encode.encode_samples(samples, template))
+        list(encode.encode_chunks(samples, template))

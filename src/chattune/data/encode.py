@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import hashlib
 import itertools
 import json
@@ -14,6 +16,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import pyarrow as pa
 
 from chattune import __version__
@@ -28,7 +31,6 @@ if TYPE_CHECKING:  # `datasets` costs about a second to import; `data check` on 
 
 # bump when encoding changes in a way old caches must not be reused for
 ENCODING_REVISION = 2
-_BATCH = 1000
 # files with more samples than this are encoded by a pool of worker processes (one per core): below it,
 # starting the pool costs more than it saves
 PARALLEL_AFTER = 2048
@@ -96,40 +98,90 @@ def cache_key(path: Path, template: Template, tokenizer: Any, settings: dict[str
 
 def _encode_stream(
     path: Path, template: Template, fmt: str, on_bad_record: str, stats: DataStats, progress: Any
-) -> Iterator[tuple[list[int], list[int]]]:
+) -> Iterator[EncodedChunk]:
     report = ReadReport()
     samples = (sample for _, sample in read_samples(path, fmt, on_bad_record, report))
-    for enc in encode_samples(samples, template):
-        n_trained = enc.n_trained
-        stats.truncated += enc.truncated
-        if n_trained == 0:  # never hand the trainer a sample with nothing to learn
-            stats.dropped_no_target += 1
-            continue
-        stats.kept += 1
-        stats.tokens += len(enc.input_ids)
-        stats.trained_tokens += n_trained
-        stats.lengths.append(len(enc.input_ids))
+    for chunk in encode_chunks(samples, template):
+        stats.truncated += chunk.truncated
+        kept = chunk.trained > 0  # never hand the trainer a sample with nothing to learn
+        if not kept.all():
+            stats.dropped_no_target += int((~kept).sum())
+            chunk = chunk.select(kept)
+        stats.kept += len(chunk.lengths)
+        stats.tokens += int(chunk.lengths.sum())
+        stats.trained_tokens += int(chunk.trained.sum())
+        stats.lengths.extend(chunk.lengths.tolist())
         if progress is not None:
             progress(stats.kept)
-        yield enc.input_ids, enc.labels
+        yield chunk
     stats.read, stats.skipped_bad, stats.bad_examples = report.read, report.skipped, report.examples
     stats.formats = report.formats
+
+
+@dataclass
+class EncodedChunk:
+    """Consecutive encoded samples as flat int32 arrays: cheap to send from a worker and to hand to Arrow.
+
+    Python lists of ints cost ~3 s per 100,000 conversations to pickle across processes and ~10 s to convert
+    to Arrow; arrays are copied as bytes.
+    """
+
+    ids: np.ndarray  # every sample's input ids, one after the other
+    labels: np.ndarray
+    lengths: np.ndarray  # per sample
+    trained: np.ndarray  # per sample: positions that carry a label
+    truncated: int  # samples cut to max_seq_len
+
+    @classmethod
+    def of(cls, encoded: list[Encoded]) -> EncodedChunk:
+        """Pack a list of encodings."""
+        n = len(encoded)
+        lengths = np.fromiter((len(e.input_ids) for e in encoded), np.int32, n)
+        total = int(lengths.sum())
+        flat = itertools.chain.from_iterable
+        return cls(
+            np.fromiter(flat(e.input_ids for e in encoded), np.int32, total),
+            np.fromiter(flat(e.labels for e in encoded), np.int32, total),
+            lengths,
+            np.fromiter((e.n_trained for e in encoded), np.int32, n),
+            sum(e.truncated for e in encoded),
+        )
+
+    def select(self, keep: np.ndarray) -> EncodedChunk:
+        """The samples where `keep` is true."""
+        per_token = np.repeat(keep, self.lengths)
+        return EncodedChunk(
+            self.ids[per_token],
+            self.labels[per_token],
+            self.lengths[keep],
+            self.trained[keep],
+            self.truncated,
+        )
+
+    def arrow_columns(self) -> list[pa.Array]:
+        """input_ids, labels and length as Arrow columns, without a per-token Python loop."""
+        offsets = pa.array(np.concatenate(([0], np.cumsum(self.lengths, dtype=np.int32))), pa.int32())
+        return [
+            pa.ListArray.from_arrays(offsets, pa.array(self.ids, pa.int32())),
+            pa.ListArray.from_arrays(offsets, pa.array(self.labels, pa.int32())),
+            pa.array(self.lengths, pa.int32()),
+        ]
 
 
 # the template a forked worker encodes with: inherited from the parent at fork time, never pickled
 _worker_template: Template | None = None
 
 
-def _encode_chunk(chunk: list[Sample]) -> list[Encoded] | None:
+def _encode_chunk(chunk: list[Sample]) -> EncodedChunk | None:
     """A worker's job; None when any sample fails, so the parent re-encodes the chunk and raises the real error."""
     try:
-        return [_worker_template.encode(s) for s in chunk]  # type: ignore[union-attr]
+        return EncodedChunk.of([_worker_template.encode(s) for s in chunk])  # type: ignore[union-attr]
     except Exception:  # the exception may not survive pickling; the parent reproduces it instead
         return None
 
 
-def encode_samples(samples: Iterable[Sample], template: Template) -> Iterator[Encoded]:
-    """Encode in order: inline for small inputs, then in forked worker processes, reading stays in this one.
+def encode_chunks(samples: Iterable[Sample], template: Template) -> Iterator[EncodedChunk]:
+    """Encode in order: inline for small inputs, else in forked worker processes; reading stays in this one.
 
     Reading and validation stay in the calling process, so their errors name file and line as always; the
     workers only run the template (rendering chat templates and tokenising are ~95% of the time).
@@ -137,10 +189,11 @@ def encode_samples(samples: Iterable[Sample], template: Template) -> Iterator[En
     global _worker_template
     samples = iter(samples)
     head = list(itertools.islice(samples, PARALLEL_AFTER))
-    yield from map(template.encode, head)
+    samples = itertools.chain(head, samples)
     workers = available_cores()
     if len(head) < PARALLEL_AFTER or workers < 2 or "fork" not in multiprocessing.get_all_start_methods():
-        yield from map(template.encode, samples)
+        while chunk := list(itertools.islice(samples, _CHUNK)):
+            yield EncodedChunk.of([template.encode(s) for s in chunk])
         return
     _worker_template = template
     try:
@@ -149,41 +202,45 @@ def encode_samples(samples: Iterable[Sample], template: Template) -> Iterator[En
             while chunk := list(itertools.islice(samples, _CHUNK)):
                 pending.append((chunk, pool.apply_async(_encode_chunk, (chunk,))))
                 while len(pending) > 4 * workers:  # bounded look-ahead keeps memory flat
-                    yield from _collect(*pending.popleft(), template)
+                    yield _collect(*pending.popleft(), template)
             while pending:
-                yield from _collect(*pending.popleft(), template)
+                yield _collect(*pending.popleft(), template)
     finally:
         _worker_template = None
 
 
-def _collect(chunk: list[Sample], result: Any, template: Template) -> list[Encoded]:
+def _collect(chunk: list[Sample], result: Any, template: Template) -> EncodedChunk:
     """A chunk's encodings; a failed chunk is encoded again here so its exception is the genuine one."""
     encoded = result.get()
-    return encoded if encoded is not None else [template.encode(s) for s in chunk]
+    return encoded if encoded is not None else EncodedChunk.of([template.encode(s) for s in chunk])
 
 
-def _write_arrow(rows: Iterator[tuple[list[int], list[int]]], target: Path) -> None:
-    """Write rows as an Arrow stream in batches, then move it into place (never a half-written cache)."""
+@contextlib.contextmanager
+def _collector_paused() -> Iterator[None]:
+    """No cyclic garbage collection while encoding (forked workers inherit the pause).
+
+    Encoding allocates millions of short lists and creates no reference cycles, yet each collection walks
+    every live object: ~10-15% of the encoding time, measured on 10,000 conversations.
+    """
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
+def _write_arrow(chunks: Iterator[EncodedChunk], target: Path) -> None:
+    """Write encoded chunks as an Arrow stream, then move it into place (never a half-written cache)."""
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=target.parent, suffix=".tmp")
     os.close(fd)
     try:
         with pa.OSFile(tmp, "wb") as sink, pa.ipc.new_stream(sink, _SCHEMA) as writer:
-            ids, labels = [], []
-
-            def flush() -> None:
-                lengths = [len(x) for x in ids]
-                writer.write_batch(pa.record_batch([ids, labels, lengths], schema=_SCHEMA))
-                ids.clear()
-                labels.clear()
-
-            for a, b in rows:
-                ids.append(a)
-                labels.append(b)
-                if len(ids) >= _BATCH:
-                    flush()
-            if ids:
-                flush()
+            for chunk in chunks:
+                if len(chunk.lengths):
+                    writer.write_batch(pa.record_batch(chunk.arrow_columns(), schema=_SCHEMA))
         os.replace(tmp, target)
     finally:
         if os.path.exists(tmp):
@@ -228,7 +285,8 @@ def encode_file(
     if arrow.is_file() and meta.is_file():
         stats = load_stats(meta)
     else:
-        _write_arrow(_encode_stream(path, template, fmt, on_bad_record, stats, progress), arrow)
+        with _collector_paused():
+            _write_arrow(_encode_stream(path, template, fmt, on_bad_record, stats, progress), arrow)
         meta_tmp = meta.with_suffix(".tmp")
         meta_tmp.write_text(json.dumps(asdict(stats) | {"cached": False}))
         os.replace(meta_tmp, meta)
