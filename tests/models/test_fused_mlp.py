@@ -119,7 +119,13 @@ def test_a_lora_run_uses_it_unless_switched_off(tiny_model_dir: Path, tmp_path: 
     for fuse in (True, False):
         values = {"model": str(tiny_model_dir), "train_file": str(data), "format": "prompt_response"}
         values |= {"output_dir": str(tmp_path / f"out-{fuse}"), "fuse_lora_mlp": fuse, "max_steps": 6}
-        values |= {"batch_size": 1, "grad_accum": 1, "learning_rate": 1e-2, "logging_steps": 1}
+        values |= {
+            "batch_size": 1,
+            "grad_accum": 1,
+            "learning_rate": 1e-2,
+            "logging_steps": 1,
+            "precision": "fp32",
+        }
         log = io.StringIO()
         run_training(build_config(values | {"num_threads": 1}), console=Console(file=log, width=200))
         headers[fuse] = log.getvalue()

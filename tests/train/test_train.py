@@ -25,8 +25,20 @@ def conv_file(tmp_path) -> Path:
 
 
 def make_cfg(model_dir, data, out, **kw):
-    values = dict(model=str(model_dir), train_file=str(data), output_dir=str(out), batch_size=4, grad_accum=2,
-                  learning_rate=1e-2, max_steps=30, logging_steps=5, save_steps=10, seed=1, num_threads=1)  # fmt: skip
+    values = dict(
+        model=str(model_dir),
+        train_file=str(data),
+        output_dir=str(out),
+        batch_size=4,
+        grad_accum=2,
+        learning_rate=1e-2,
+        max_steps=30,
+        logging_steps=5,
+        save_steps=10,
+        seed=1,
+        num_threads=1,
+        precision="fp32",
+    )  # fmt: skip  (exact comparisons: the same arithmetic on a GPU machine)
     return build_config(values | kw)
 
 
