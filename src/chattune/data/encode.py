@@ -272,7 +272,8 @@ def encode_file(
 ) -> tuple[datasets.Dataset, DataStats]:
     """The encoded dataset for a file (from the cache when this exact preprocessing ran before) and its stats.
 
-    `on_entry` is called with the cache key once the entry is on disk (found or written).
+    `progress` is called with the samples kept so far after each encoded chunk; `on_entry` with the cache
+    key once the entry is on disk (found or written).
     """
     import datasets
 

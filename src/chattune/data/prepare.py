@@ -54,9 +54,8 @@ def encode_split(
     with Progress(*columns, console=console, transient=True) as bar:
         task = bar.add_task(f"Encoding {file}", total=None)
 
-        def tick(kept: int) -> None:
-            if kept % 256 == 0:
-                bar.update(task, description=f"Encoding {file}: {kept:,} samples")
+        def tick(kept: int) -> None:  # called once per encoded chunk of samples
+            bar.update(task, description=f"Encoding {file}: {kept:,} samples")
 
         return encode_file(
             file,
