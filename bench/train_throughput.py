@@ -19,7 +19,9 @@ Measured per run:
   labels != -100, all = non-pad tokens (attention mask, or every token of a packed row);
 - train loss: the epoch mean of the per-step losses (Trainer's `train_loss`), and the last step's loss;
 - MFU: 4·N·T / (wall · peak) where N = the base model's parameters (the tied output head counted once),
-  T = all tokens, and peak = the best fp32 (CPU) / bf16 (CUDA) matmul rate measured in this invocation.
+  T = all tokens, and peak = the best fp32 (CPU) / bf16 (CUDA) matmul rate measured in the run's own process
+  just before it loads the model and just after training ends (a shared machine's speed drifts over an
+  invocation of an hour; a peak measured once at the start would not follow it).
 """
 
 from __future__ import annotations
@@ -58,7 +60,17 @@ RUNS = (*CHATTUNE_RUNS, "trl", "trl-nogc", "trl-packing", "trl-tcmalloc")
 ALLOCATOR = {"chattune-glibc": "system", "trl-tcmalloc": "tcmalloc"}
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared/data/seed000-advertisegen/dev.json"
 MIB = 2**20
-METRICS = ("wall_s", "sup_tok_s", "all_tok_s", "peak_rss_mib", "peak_gpu_mib", "train_loss", "last_loss")
+METRICS = (
+    "wall_s",
+    "sup_tok_s",
+    "all_tok_s",
+    "peak_rss_mib",
+    "peak_gpu_mib",
+    "train_loss",
+    "last_loss",
+    "peak_gflops",
+    "mfu",
+)
 
 
 def allocator_for(run: str) -> str:
@@ -198,7 +210,10 @@ def child(a: argparse.Namespace) -> None:
     use_allocator(allocator_for(a.child))
     out = a.workdir / f"{a.child}-{a.rep}"
     counts = {"all": 0, "sup": 0, "rss0": 0}
+    before = matmul_peak(a.device)
     res = (run_chattune if a.child.startswith("chattune") else run_trl)(a, out, counts)
+    after = matmul_peak(a.device)
+    res |= {"peak_gflops": max(before, after), "peak_before_after": [before, after]}
     res |= {"tokens": counts["all"], "supervised": counts["sup"], "rss_first_step_mib": counts["rss0"] / MIB}
     res["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
     res["malloc"] = current_allocator()
@@ -223,15 +238,15 @@ def spawn(a: argparse.Namespace, name: str, rep: int) -> dict[str, Any]:
     return json.loads(result.read_text())
 
 
-def summarise(res: dict[str, Any], n_params: int, peak_gflops: float) -> dict[str, Any]:
-    """Derived metrics of one run."""
+def summarise(res: dict[str, Any], n_params: int) -> dict[str, Any]:
+    """Derived metrics of one run (MFU against the peak measured in the run's own process)."""
     wall = res["wall_s"]
     return res | {
         "sup_tok_s": res["supervised"] / wall,
         "all_tok_s": res["tokens"] / wall,
         "train_loss": statistics.fmean(res["losses"]),
         "last_loss": res["losses"][-1],
-        "mfu": 4 * n_params * res["tokens"] / wall / (peak_gflops * 1e9),
+        "mfu": 4 * n_params * res["tokens"] / wall / (res["peak_gflops"] * 1e9),
     }
 
 
@@ -253,6 +268,7 @@ def report(results: dict[str, dict[str, Any]], peak: float, device: str) -> None
         "train loss",
         "last loss",
         "steps",
+        "peak GFLOP/s",
         "MFU",
     ):
         table.add_column(h, justify="right")
@@ -263,13 +279,18 @@ def report(results: dict[str, dict[str, Any]], peak: float, device: str) -> None
             f"{r['all_tok_s']:,.0f}",
             f"{r['peak_rss_mib']:,.0f}",
         ]
-        row += [f"{r['train_loss']:.4f}", f"{r['last_loss']:.4f}", str(r["steps"]), f"{100 * r['mfu']:.1f}%"]
+        row += [f"{r['train_loss']:.4f}", f"{r['last_loss']:.4f}", str(r["steps"])]
+        row += [f"{r['peak_gflops']:,.1f}", f"{100 * r['mfu']:.1f}%"]
         gc = {True: "yes", False: "no"}.get(r["gc"], str(r["gc"]))  # or "mlp"
         table.add_row(name, r.get("batch", "8x1"), gc, r.get("malloc", "?"), *row)
     console = Console(width=max(Console().width, 120))
     console.print(table)
     precision = "bf16" if device == "cuda" else "fp32"
-    console.print(f"matmul peak ({precision}, measured now): {peak:,.1f} GFLOP/s", highlight=False)
+    console.print(
+        f"matmul peak ({precision}): {peak:,.1f} GFLOP/s at the start; each run's MFU uses the best of its own "
+        "process's measurements just before loading and just after training (the 'peak' column)",
+        highlight=False,
+    )
     for ours in (n for n in results if n.startswith("chattune")):
         for base in (n for n in ("trl", "trl-nogc") if n in results):
             c, t = results[ours], results[base]
@@ -346,11 +367,16 @@ def main() -> None:
     for rep in range(a.repeat):  # interleaved, so drift in machine load spreads over all runs
         for name in runs:
             t = time.perf_counter()
-            raw[name].append(summarise(spawn(a, name, rep), n_params, peak))
-            took = time.perf_counter() - t
-            print(f"  {name} #{rep}: {raw[name][-1]['wall_s']:.1f} s training, {took:.0f} s all", flush=True)
+            raw[name].append(summarise(spawn(a, name, rep), n_params))
+            took, r = time.perf_counter() - t, raw[name][-1]
+            peaks = "/".join(f"{p:.0f}" for p in r["peak_before_after"])
+            print(
+                f"  {name} #{rep}: {r['wall_s']:.1f} s training, {took:.0f} s all, "
+                f"peak before/after {peaks} GFLOP/s, MFU {100 * r['mfu']:.1f}%",
+                flush=True,
+            )
     results = {
-        name: rs[0] | {m: statistics.median(r[m] for r in rs) for m in (*METRICS, "mfu") if m in rs[0]}
+        name: rs[0] | {m: statistics.median(r[m] for r in rs) for m in METRICS if m in rs[0]}
         for name, rs in raw.items()
     }
     report(results, peak, a.device)

@@ -71,3 +71,51 @@ def test_chunked_head_matches_full_logits_for_hidden_and_weight_gradients(monkey
     torch.testing.assert_close(ours_grads[1], head.weight.grad)
     with torch.no_grad():  # evaluation takes the gradient-free path, same value
         torch.testing.assert_close(loss_module.head_cross_entropy(head, hidden, targets), stock)
+
+
+def test_right_padded_batches_drop_the_mask_and_keep_loss_and_gradients(tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    from chattune.train.loss import causal_suffices
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    backbone, head = split_backbone_and_head(model)
+    ids = torch.randint(5, 300, (3, 10))
+    mask = torch.ones_like(ids)
+    mask[0, 6:] = 0
+    mask[2, 8:] = 0
+    labels = ids.masked_fill(mask == 0, -100)
+    labels[:, :3] = -100
+    assert causal_suffices(backbone, mask)
+    left = mask.flip(1)
+    assert not causal_suffices(backbone, left)  # real tokens after pads would attend to them
+    assert not causal_suffices(backbone, torch.zeros_like(mask))
+
+    seen = []
+    backbone.register_forward_pre_hook(
+        lambda m, a, kw: seen.append(kw.get("attention_mask")), with_kwargs=True
+    )
+    dropped = trained_positions_loss(
+        backbone, head, {"input_ids": ids, "attention_mask": mask, "labels": labels}, None
+    )
+    dropped.backward()
+    assert seen[-1] is None
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+
+    # the same computation with the mask in force (an implementation that keeps it)
+    model.config._attn_implementation = "flash_attention_2"
+    assert not causal_suffices(backbone, mask)
+    model.config._attn_implementation = "sdpa"
+    hidden = backbone(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+    keep = labels[:, 1:] != -100
+    masked = torch.nn.functional.cross_entropy(
+        head(hidden[:, :-1][keep]), labels[:, 1:][keep], reduction="sum"
+    )
+    masked = masked / keep.sum()
+    masked.backward()
+    torch.testing.assert_close(dropped, masked, atol=1e-5, rtol=1e-5)
+    for n, p in model.named_parameters():
+        if p.grad is not None:
+            torch.testing.assert_close(p.grad, grads[n], atol=1e-5, rtol=1e-4)

@@ -69,6 +69,20 @@ def _dropped(x: torch.Tensor, mask: torch.Tensor | None, p: float) -> torch.Tens
     return x if mask is None else x * mask / (1 - p)
 
 
+def _t_mm(wide: torch.Tensor, skinny: torch.Tensor) -> torch.Tensor:
+    """wide^T @ skinny for (n, w) and (n, r) with small r, as (skinny^T wide)^T.
+
+    The direct product reads `wide` transposed, a layout MKL ran 3-7x slower for these shapes (a rank-8 LoRA
+    gradient took longer than the 576 x 1536 base matmul beside it); contiguous because it becomes a .grad.
+    """
+    return (skinny.T @ wide).T.contiguous()
+
+
+def _mm_t(wide: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """wide @ weight for (n, w) and (w, r) with small r, as (weight^T wide^T)^T (2x faster here, as above)."""
+    return (weight.T @ wide.T).T
+
+
 def _lora(x: torch.Tensor, proj: _Adapted, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """(x W^T + s (dropout(x) A^T) B^T, dropout(x) A^T) for 2-D x."""
     xa = _dropped(x, mask, proj.p) @ proj.a.T
@@ -104,8 +118,8 @@ class _LoraSwiGLU(torch.autograd.Function):
         sig = torch.sigmoid(g)
         act = g * sig
         # down: y = h Wd^T + s (dropout(h) Ad^T) Bd^T
-        dyb = dy @ down.b
-        d_bd = (dy.T @ had).mul_(down.scale)
+        dyb = _mm_t(dy, down.b)
+        d_bd = _t_mm(dy, had).mul_(down.scale)
         d_ad = (dyb.T @ _dropped(act * u, mask_d, down.p)).mul_(down.scale)
         dh = (dy @ down.w).add_(_dropped(dyb @ down.a, mask_d, down.p), alpha=down.scale)
         du = dh * act
@@ -115,8 +129,12 @@ class _LoraSwiGLU(torch.autograd.Function):
         grads: list = []
         dx = None
         for d, xa, proj, mask in ((dg, xag, gate, mask_g), (du, xau, up, mask_u)):
-            db = d @ proj.b
-            grads += [None, (db.T @ _dropped(x, mask, proj.p)).mul_(proj.scale), (d.T @ xa).mul_(proj.scale)]
+            db = _mm_t(d, proj.b)
+            grads += [
+                None,
+                (db.T @ _dropped(x, mask, proj.p)).mul_(proj.scale),
+                _t_mm(d, xa).mul_(proj.scale),
+            ]
             part = (d @ proj.w).add_(_dropped(db @ proj.a, mask, proj.p), alpha=proj.scale)
             dx = part if dx is None else dx.add_(part)
         return dx, None, *grads, None, d_ad, d_bd
