@@ -190,3 +190,42 @@ def test_chatglm3_reply_parsing(glm_tok):
     assert reply.tool_calls == [ToolCall("get_weather", {"city": "Paris", "days": 2})] and reply.error is None
     bad = tpl.parse_reply("get_weather\n```python\ntool_call(city=os.system('x'))\n```")
     assert bad.error and not bad.tool_calls
+
+
+def test_direct_rendering_stays_sandboxed_with_quick_lookups(chatml_tokenizer):
+    import copy
+
+    from jinja2.exceptions import SecurityError
+
+    tok = copy.deepcopy(chatml_tokenizer)
+    # loop properties and read-only str methods take the quick path; the result must equal transformers' own
+    tok.chat_template = (
+        "{% for m in messages %}{% if loop.first %}[{{ loop.length }}]{% endif %}<|im_start|>{{ m['role'] }}\n"
+        "{{ m['content'].strip().upper() }}<|im_end|>{% if not loop.last %}\n{% endif %}{% endfor %}"
+        "{% if add_generation_prompt %}\n<|im_start|>assistant\n{% endif %}"
+    )
+    tpl = build_template("hf", tok)
+    assert tpl._jinja is not None  # the direct renderer passed its equivalence probe
+    conv = Conversation([Message("user", " hi "), Message("assistant", "yo ")])
+    assert tpl._render(conv, _hf(conv), False) == tok.apply_chat_template(_hf(conv), tokenize=False)
+    # every other lookup meets the same sandbox checks as transformers' own environment
+    from transformers.utils.chat_template_utils import _compile_jinja_template
+
+    quick, stock = tpl._jinja.plain.environment, _compile_jinja_template(tok.chat_template).environment
+    assert quick is not stock and stock.getattr.__func__ is type(stock).getattr  # stock left untouched
+
+    def outcome(env, source):
+        try:
+            return env.from_string(source).render(messages=[{"role": "user"}])
+        except SecurityError as e:
+            return type(e)
+
+    for source in (
+        "{{ ''.__class__.__mro__ }}",
+        "{{ ''.format.__globals__ }}",
+        "{{ 'a{0}'.format(messages.__class__) }}",
+        "{{ messages.append(1) }}{{ messages }}",
+        "{% for m in messages %}{{ loop.__class__ }}{{ loop.cycle.__self__ }}{% endfor %}",
+    ):
+        assert outcome(quick, source) == outcome(stock, source), source
+    assert outcome(quick, "{{ messages.append(1) }}") is SecurityError

@@ -219,6 +219,73 @@ class HFChatTemplate:
         return sorted(i for i in ids if i is not None)
 
 
+# attributes whose sandbox check always passes: jinja's own loop variables, and str methods that only read
+# (str.format and format_map stay with the sandbox, which wraps them)
+_LOOP_PROPERTIES = frozenset(
+    {
+        "first",
+        "last",
+        "index",
+        "index0",
+        "revindex",
+        "revindex0",
+        "length",
+        "depth",
+        "depth0",
+        "previtem",
+        "nextitem",
+    }
+)
+_STR_METHODS = frozenset(
+    {
+        "strip",
+        "lstrip",
+        "rstrip",
+        "split",
+        "rsplit",
+        "splitlines",
+        "startswith",
+        "endswith",
+        "lower",
+        "upper",
+        "title",
+        "capitalize",
+        "replace",
+        "find",
+        "rfind",
+        "count",
+        "join",
+        "isdigit",
+        "isspace",
+    }
+)
+
+
+def _quick_lookups(env: Any) -> Any:
+    """A private overlay of transformers' sandboxed environment that skips the sandbox's checks for lookups
+    that always pass them (`loop.first`, `content.strip`, ...), and sends every other lookup through them.
+
+    The checks took 40% of rendering: every message costs a `loop` lookup or two, each a chain of type
+    tests. Rendering stays sandboxed (chat templates are untrusted input): nothing that could fail a check is
+    fast-pathed, and the overlay does not touch the environment transformers renders with.
+    """
+    from jinja2.runtime import LoopContext
+
+    quick = env.overlay()
+    checked = quick.getattr
+
+    def getattr_(obj: Any, attribute: str) -> Any:
+        kind = type(obj)
+        if (kind is LoopContext and attribute in _LOOP_PROPERTIES) or (
+            kind is str and attribute in _STR_METHODS
+        ):
+            return getattr(obj, attribute)
+        return checked(obj, attribute)
+
+    quick.getattr = getattr_  # compiled templates call environment.getattr for every `a.b`
+    return quick
+
+
 class _DirectRenderer:
     """The tokenizer's compiled chat template called directly, skipping `apply_chat_template`'s per-call work.
 
@@ -230,9 +297,11 @@ class _DirectRenderer:
 
     def __init__(self, tokenizer: Any, compile_template: Any):
         self.variables = dict(tokenizer.special_tokens_map)
-        self.plain = compile_template(tokenizer.get_chat_template())
+        plain = tokenizer.get_chat_template()
+        env = _quick_lookups(compile_template(plain).environment)
+        self.plain = env.from_string(plain)
         try:
-            self.with_tools = compile_template(tokenizer.get_chat_template(None, tools=[{}]))
+            self.with_tools = env.from_string(tokenizer.get_chat_template(None, tools=[{}]))
         except ValueError:  # a named-template tokenizer without a tool_use one
             self.with_tools = self.plain
 
