@@ -51,7 +51,7 @@ CHATTUNE_RUNS: dict[str, dict[str, Any]] = {
     "chattune-packing": {"packing": True},
     "chattune-gc": {"gradient_checkpointing": True},
     "chattune-mlpgc": {"gradient_checkpointing": "mlp"},
-    "chattune-unfused": {"fuse_lora_mlp": False},
+    "chattune-unfused": {"fuse_lora": False},
     "chattune-glibc": {},
 }
 RUNS = (*CHATTUNE_RUNS, "trl", "trl-nogc", "trl-packing", "trl-tcmalloc")

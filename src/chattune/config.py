@@ -74,10 +74,11 @@ class TrainConfig(BaseModel):
         description="trade speed for activation memory: true recomputes whole layers in backward, "
         "mlp only the MLP blocks (most of the memory for about half the extra time)",
     )
-    fuse_lora_mlp: bool = Field(
+    fuse_lora: bool = Field(
         True,
-        description="LoRA on SwiGLU MLPs (Llama, Qwen, Mistral...): one autograd function that saves about a "
-        "quarter less activation memory, same gradients; false keeps peft's modules",
+        description="LoRA layers as fused autograd functions, same gradients: each SwiGLU MLP block (Llama, "
+        "Qwen, Mistral...) as one, saving about a quarter of the activation memory, and every other LoRA "
+        "projection as one (faster); false keeps peft's modules",
     )
     seed: int = 42
     num_threads: int | None = Field(

@@ -52,3 +52,28 @@ def lora_step() -> Callable[..., tuple[torch.Tensor, dict[str, torch.Tensor], in
         return loss.detach(), grads, activations
 
     return step
+
+
+class FixedMask(torch.nn.Module):
+    """Dropout with a given keep mask, to replay the masks a fused run drew through peft's modules."""
+
+    def __init__(self, mask: torch.Tensor, p: float):
+        super().__init__()
+        self.mask, self.p = mask, p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.mask.reshape(x.shape) / (1 - self.p)
+
+
+@pytest.fixture
+def replay_masks() -> Callable[[Any, list[torch.Tensor], tuple[str, ...], float], None]:
+    """Gives the LoRA layers named `names` (in module order) the recorded keep masks as their dropout."""
+
+    def replay(model: Any, masks: list[torch.Tensor], names: tuple[str, ...], p: float) -> None:
+        drawn = iter(masks)
+        for name, module in model.named_modules():
+            if name.rsplit(".", 1)[-1] in names:
+                module.lora_dropout["default"] = FixedMask(next(drawn), p)
+        assert next(drawn, None) is None, "more masks drawn than layers replayed"
+
+    return replay

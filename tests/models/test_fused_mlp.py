@@ -61,19 +61,8 @@ def test_runs_the_original_forward_where_it_does_not_apply(tiny_model_dir: Path,
         assert torch.allclose(mlp(x), fused, atol=1e-6)
 
 
-class _FixedMask(torch.nn.Module):
-    """Dropout with a given keep mask, to replay the masks a fused run drew through peft's modules."""
-
-    def __init__(self, mask: torch.Tensor, p: float):
-        super().__init__()
-        self.mask, self.p = mask, p
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * self.mask.reshape(x.shape) / (1 - self.p)
-
-
 def test_lora_dropout_gives_peft_gradients_for_the_same_masks(
-    tiny_model_dir: Path, make_lora_model, lora_step, monkeypatch
+    tiny_model_dir: Path, make_lora_model, lora_step, replay_masks, monkeypatch
 ) -> None:
     # adapters on the MLP only, so that every dropout mask in the model is one the fused function draws
     settings = {"lora_dropout": 0.3, "lora_target": list(fused_mlp.PROJECTIONS)}
@@ -86,10 +75,7 @@ def test_lora_dropout_gives_peft_gradients_for_the_same_masks(
     assert len(drawn) == 6 and 0.6 < float(torch.cat([m.flatten() for m in drawn]).float().mean()) < 0.8
 
     reference = make_lora_model(tiny_model_dir, **settings)
-    masks = iter(drawn)  # drawn per layer in gate, up, down order: the order of named_modules
-    for name, module in reference.named_modules():
-        if name.rsplit(".", 1)[-1] in fused_mlp.PROJECTIONS:
-            module.lora_dropout["default"] = _FixedMask(next(masks), 0.3)
+    replay_masks(reference, drawn, fused_mlp.PROJECTIONS, 0.3)  # drawn in gate, up, down order per layer
     loss_ref, grads_ref, _ = lora_step(reference, IDS)
     assert torch.allclose(loss, loss_ref, rtol=1e-6)
     for name in grads_ref:
@@ -118,7 +104,7 @@ def test_a_lora_run_uses_it_unless_switched_off(tiny_model_dir: Path, tmp_path: 
     headers = {}
     for fuse in (True, False):
         values = {"model": str(tiny_model_dir), "train_file": str(data), "format": "prompt_response"}
-        values |= {"output_dir": str(tmp_path / f"out-{fuse}"), "fuse_lora_mlp": fuse, "max_steps": 6}
+        values |= {"output_dir": str(tmp_path / f"out-{fuse}"), "fuse_lora": fuse, "max_steps": 6}
         values |= {
             "batch_size": 1,
             "grad_accum": 1,
@@ -135,4 +121,4 @@ def test_a_lora_run_uses_it_unless_switched_off(tiny_model_dir: Path, tmp_path: 
             if '"loss"' in x
         ]
         assert losses[-1] < losses[0]
-    assert "fused LoRA MLPs: 2" in headers[True] and "fused LoRA MLPs" not in headers[False]
+    assert "fused LoRA: 2 MLP blocks, 14 projections" in headers[True] and "fused LoRA" not in headers[False]

@@ -253,11 +253,12 @@ def run_training(cfg: TrainConfig, console: Console | None = None) -> Path:
 
         model.set_attn_implementation(register_packed_attention())
     model = apply_method(model, cfg)
-    fused = 0
-    if cfg.method == "lora" and cfg.fuse_lora_mlp:
+    fused = ""
+    if cfg.method == "lora" and cfg.fuse_lora:
+        from chattune.models.fused_lora import fuse_lora_linears
         from chattune.models.fused_mlp import fuse_lora_mlps
 
-        fused = fuse_lora_mlps(model)
+        fused = f"{fuse_lora_mlps(model)} MLP blocks, {fuse_lora_linears(model)} projections"
     if cfg.gradient_checkpointing == "mlp":
         from chattune.models.checkpointing import checkpoint_mlps
 
@@ -267,7 +268,7 @@ def run_training(cfg: TrainConfig, console: Console | None = None) -> Path:
         check_output_dir_writable(out, checkpoint_bytes(model, cfg.save_total_limit))
     console.print(
         f"precision: {precision}   threads: {torch.get_num_threads()}   template: {template.name}"
-        f"   allocator: {current_allocator()}" + (f"   fused LoRA MLPs: {fused}" if fused else "")
+        f"   allocator: {current_allocator()}" + (f"   fused LoRA: {fused}" if fused else "")
     )
 
     if int(os.environ.get("RANK", "0")) == 0:

@@ -1,0 +1,197 @@
+"""A LoRA projection `x W^T (+ bias) + s · dropout(x) A^T B^T` as one autograd function, and the pieces the
+fused SwiGLU MLP (fused_mlp.py) shares with it.
+
+peft computes the adapter as separate modules: the base output, the rank-r path, a multiplication by the
+scale and an addition, each an autograd node that backward walks again (another multiply, another add, and
+the rank-r weight gradients in the layout nn.Linear's backward uses, which MKL runs several times slower for
+these skinny shapes). Here the scale folds into one addmm on the way forward and one on the way back, and the
+rank-r products run in the fast layouts: the same saved tensors (the input and the rank-r activation) and the
+same gradients. The frozen base weight (and bias) get no gradient, as under autograd.
+
+Applied per layer only where the layer is a plain peft LoRA Linear (checked numerically against its own
+forward when patched); anything else at run time (adapters disabled or merged, several adapters, autocast,
+mixed dtypes, sharded weights, no gradient needed, extra forward arguments) runs peft's forward.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+
+@dataclass(frozen=True)
+class Adapted:
+    """One projection: y = x W^T + bias + scale · dropout(x) A^T B^T, with `p` the dropout probability in use."""
+
+    w: torch.Tensor
+    a: torch.Tensor
+    b: torch.Tensor
+    scale: float
+    p: float
+    bias: torch.Tensor | None = None
+
+    def tensors(self) -> list[torch.Tensor]:
+        """The tensors a fused function reads (passed to it again so that autograd returns their gradients)."""
+        return [self.w, self.a, self.b]
+
+
+def adapted(layer: Any, allow_bias: bool = False) -> Adapted | None:
+    """A peft LoRA Linear with one plain active adapter over a frozen nn.Linear, else None."""
+    base = getattr(layer, "base_layer", None)
+    if type(base) is not torch.nn.Linear or base.weight.requires_grad:
+        return None
+    if base.bias is not None and (not allow_bias or base.bias.requires_grad):
+        return None
+    active = getattr(layer, "active_adapters", None)
+    if not active or len(active) != 1 or layer.merged or layer.disable_adapters:
+        return None
+    name = active[0]
+    if name not in layer.lora_A or layer.use_dora.get(name, False):
+        return None
+    dropout, a, b = layer.lora_dropout[name], layer.lora_A[name], layer.lora_B[name]
+    if type(dropout) is torch.nn.Dropout:
+        p = dropout.p if dropout.training else 0.0
+    elif type(dropout) is torch.nn.Identity:
+        p = 0.0
+    else:
+        return None
+    if any(type(m) is not torch.nn.Linear or m.bias is not None for m in (a, b)):
+        return None
+    return Adapted(base.weight, a.weight, b.weight, float(layer.scaling[name]), p, base.bias)
+
+
+def plain_tensors(projs: list[Adapted]) -> bool:
+    """Whole (unsharded) parameters of one dtype: what the fused functions compute with directly."""
+    tensors = [t for p in projs for t in (*p.tensors(), *([p.bias] if p.bias is not None else []))]
+    if any(type(t) is not torch.nn.Parameter or t.numel() == 0 for t in tensors):
+        return False  # sharded (DeepSpeed ZeRO-3, FSDP): the modules' own hooks must gather them
+    return len({t.dtype for t in tensors}) == 1  # fp32 adapters on a bf16 base: peft casts; leave it to peft
+
+
+def keep_mask(like: torch.Tensor, p: float) -> torch.Tensor | None:
+    """Dropout's keep mask for `like` (None when p is 0); one byte per element."""
+    return None if p == 0 else torch.rand_like(like) >= p
+
+
+def dropped(x: torch.Tensor, mask: torch.Tensor | None, p: float) -> torch.Tensor:
+    """`x` through the dropout that `mask` records."""
+    return x if mask is None else x * mask / (1 - p)
+
+
+def t_mm(wide: torch.Tensor, skinny: torch.Tensor) -> torch.Tensor:
+    """wide^T @ skinny for (n, w) and (n, r) with small r, as (skinny^T wide)^T.
+
+    The direct product reads `wide` transposed, a layout MKL ran 3-7x slower for these shapes (a rank-8 LoRA
+    gradient took longer than the 576 x 1536 base matmul beside it); contiguous because it becomes a .grad.
+    """
+    return (skinny.T @ wide).T.contiguous()
+
+
+def mm_t(wide: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """wide @ weight for (n, w) and (w, r) with small r, as (weight^T wide^T)^T (2x faster here, as above)."""
+    return (weight.T @ wide.T).T
+
+
+def lora_forward(
+    x: torch.Tensor, proj: Adapted, mask: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x W^T + bias + s (dropout(x) A^T) B^T, dropout(x) A^T) for 2-D x."""
+    xa = dropped(x, mask, proj.p) @ proj.a.T
+    base = x @ proj.w.T if proj.bias is None else torch.addmm(proj.bias, x, proj.w.T)
+    return base.addmm_(xa, proj.b.T, alpha=proj.scale), xa
+
+
+def lora_backward(
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    xa: torch.Tensor,
+    proj: Adapted,
+    mask: torch.Tensor | None,
+    need_dx: bool,
+) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
+    """(dx, dA, dB) of one projection given its output gradient, input and rank-r activation."""
+    dyb = mm_t(dy, proj.b)
+    d_a = (dyb.T @ dropped(x, mask, proj.p)).mul_(proj.scale)
+    d_b = t_mm(dy, xa).mul_(proj.scale)
+    if not need_dx:
+        return None, d_a, d_b
+    dx = dy @ proj.w
+    if mask is None:
+        dx.addmm_(dyb, proj.a, alpha=proj.scale)
+    else:
+        dx.add_(dropped(dyb @ proj.a, mask, proj.p), alpha=proj.scale)
+    return dx, d_a, d_b
+
+
+class _LoraLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, proj: Adapted, *weights: torch.Tensor) -> torch.Tensor:
+        mask = keep_mask(x, proj.p)
+        y, xa = lora_forward(x, proj, mask)
+        ctx.proj, ctx.mask = proj, mask
+        ctx.save_for_backward(x, xa)
+        return y
+
+    @staticmethod
+    def backward(ctx: Any, dy: torch.Tensor):
+        x, xa = ctx.saved_tensors
+        dx, d_a, d_b = lora_backward(dy, x, xa, ctx.proj, ctx.mask, ctx.needs_input_grad[0])
+        return dx, None, None, d_a, d_b
+
+
+class FusedLoraLinearForward:
+    """The replacement `forward` of one LoRA Linear: the fused function when it applies, else peft's."""
+
+    def __init__(self, layer: Any, original: Any):
+        self.layer, self.original = layer, original
+
+    def projection(self) -> Adapted | None:
+        """The layer as one plain projection with unsharded weights of one dtype, else None."""
+        proj = adapted(self.layer, allow_bias=True)
+        return proj if proj is not None and plain_tensors([proj]) else None
+
+    def __call__(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        proj = self.projection() if torch.is_grad_enabled() and not (args or kwargs) else None
+        if proj is None or torch.is_autocast_enabled(x.device.type) or x.dtype != proj.w.dtype:
+            return self.original(x, *args, **kwargs)
+        y = _LoraLinear.apply(x.reshape(-1, x.shape[-1]), proj, *proj.tensors())
+        return y.reshape(*x.shape[:-1], y.shape[-1])
+
+
+@torch.no_grad()
+def _agrees(fused: FusedLoraLinearForward) -> bool:
+    """The fused computation gives the layer's own output on a random input."""
+    proj = fused.projection()
+    if proj is None:
+        return False
+    x = torch.randn(3, proj.w.shape[1], dtype=proj.w.dtype, device=proj.w.device)
+    was_training = fused.layer.training
+    fused.layer.eval()  # no dropout on either side
+    try:
+        expected = fused.original(x)
+    finally:
+        fused.layer.train(was_training)
+    got = lora_forward(x, Adapted(proj.w, proj.a, proj.b, proj.scale, 0.0, proj.bias), None)[0]
+    return expected.shape == got.shape and torch.allclose(expected, got, rtol=1e-4, atol=1e-5)
+
+
+def fuse_lora_linears(model: Any) -> int:
+    """Give every plain LoRA Linear the fused forward; returns how many have it.
+
+    Those inside a fused MLP block get it too: the block's own function bypasses them, and they serve
+    whenever the block falls back to its original forward.
+    """
+    count = 0
+    for _, module in model.named_modules():
+        if adapted(module, allow_bias=True) is None:
+            continue
+        if isinstance(module.forward, FusedLoraLinearForward):
+            count += 1
+            continue
+        fused = FusedLoraLinearForward(module, module.forward)
+        if _agrees(fused):
+            module.forward = fused  # this instance only
+            count += 1
+    return count
