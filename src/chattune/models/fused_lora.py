@@ -10,7 +10,8 @@ same gradients. The frozen base weight (and bias) get no gradient, as under auto
 
 Applied per layer only where the layer is a plain peft LoRA Linear (checked numerically against its own
 forward when patched); anything else at run time (adapters disabled or merged, several adapters, autocast,
-mixed dtypes, sharded weights, no gradient needed, extra forward arguments) runs peft's forward.
+an input in another dtype than the base, sharded weights, no gradient needed, extra forward arguments) runs
+peft's forward.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+
+HALF = (torch.bfloat16, torch.float16)
 
 
 @dataclass(frozen=True)
@@ -48,8 +51,12 @@ def adapted(layer: Any, allow_bias: bool = False) -> Adapted | None:
     if not active or len(active) != 1 or layer.merged or layer.disable_adapters:
         return None
     name = active[0]
-    if name not in layer.lora_A or layer.use_dora.get(name, False):
-        return None
+    if (
+        name not in layer.lora_A
+        or layer.use_dora.get(name, False)
+        or name in getattr(layer, "lora_variant", {})
+    ):
+        return None  # DoRA and other variants compute more than the plain adapter
     dropout, a, b = layer.lora_dropout[name], layer.lora_A[name], layer.lora_B[name]
     if type(dropout) is torch.nn.Dropout:
         p = dropout.p if dropout.training else 0.0
@@ -63,11 +70,22 @@ def adapted(layer: Any, allow_bias: bool = False) -> Adapted | None:
 
 
 def plain_tensors(projs: list[Adapted]) -> bool:
-    """Whole (unsharded) parameters of one dtype: what the fused functions compute with directly."""
-    tensors = [t for p in projs for t in (*p.tensors(), *([p.bias] if p.bias is not None else []))]
-    if any(type(t) is not torch.nn.Parameter or t.numel() == 0 for t in tensors):
+    """Whole (unsharded) parameters, one dtype for the base weights and one for the adapters: the same, or
+    fp32 adapters on a bf16/fp16 base (as peft keeps them), which take the input in fp32 as peft does."""
+    base = [t for p in projs for t in (p.w, *([p.bias] if p.bias is not None else []))]
+    adapters = [t for p in projs for t in (p.a, p.b)]
+    if any(type(t) is not torch.nn.Parameter or t.numel() == 0 for t in base + adapters):
         return False  # sharded (DeepSpeed ZeRO-3, FSDP): the modules' own hooks must gather them
-    return len({t.dtype for t in tensors}) == 1  # fp32 adapters on a bf16 base: peft casts; leave it to peft
+    base_dtypes, adapter_dtypes = {t.dtype for t in base}, {t.dtype for t in adapters}
+    if len(base_dtypes) != 1 or len(adapter_dtypes) != 1:
+        return False
+    base_dtype, adapter_dtype = base_dtypes.pop(), adapter_dtypes.pop()
+    return adapter_dtype == base_dtype or (adapter_dtype == torch.float32 and base_dtype in HALF)
+
+
+def tolerance(dtype: torch.dtype) -> dict[str, float]:
+    """allclose tolerances for checking a fused function against the module it replaces."""
+    return {"rtol": 2e-2, "atol": 2e-2} if dtype in HALF else {"rtol": 1e-4, "atol": 1e-5}
 
 
 def keep_mask(like: torch.Tensor, p: float) -> torch.Tensor | None:
@@ -97,10 +115,16 @@ def mm_t(wide: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 def lora_forward(
     x: torch.Tensor, proj: Adapted, mask: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(x W^T + bias + s (dropout(x) A^T) B^T, dropout(x) A^T) for 2-D x."""
-    xa = dropped(x, mask, proj.p) @ proj.a.T
+    """(x W^T + bias + s (dropout(x) A^T) B^T, dropout(x) A^T) for 2-D x.
+
+    fp32 adapters on a half-precision base take x in fp32 and add to the base output in fp32 before rounding
+    it back, as peft's forward does.
+    """
     base = x @ proj.w.T if proj.bias is None else torch.addmm(proj.bias, x, proj.w.T)
-    return base.addmm_(xa, proj.b.T, alpha=proj.scale), xa
+    xa = dropped(x.to(proj.a.dtype), mask, proj.p) @ proj.a.T
+    if proj.a.dtype == base.dtype:
+        return base.addmm_(xa, proj.b.T, alpha=proj.scale), xa
+    return torch.addmm(base.to(proj.a.dtype), xa, proj.b.T, alpha=proj.scale).to(base.dtype), xa
 
 
 def lora_backward(
@@ -112,17 +136,17 @@ def lora_backward(
     need_dx: bool,
 ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
     """(dx, dA, dB) of one projection given its output gradient, input and rank-r activation."""
-    dyb = mm_t(dy, proj.b)
-    d_a = (dyb.T @ dropped(x, mask, proj.p)).mul_(proj.scale)
-    d_b = t_mm(dy, xa).mul_(proj.scale)
+    wide = dy.to(proj.a.dtype)
+    dyb = mm_t(wide, proj.b)
+    d_a = (dyb.T @ dropped(x.to(proj.a.dtype), mask, proj.p)).mul_(proj.scale)
+    d_b = t_mm(wide, xa).mul_(proj.scale)
     if not need_dx:
         return None, d_a, d_b
     dx = dy @ proj.w
-    if mask is None:
-        dx.addmm_(dyb, proj.a, alpha=proj.scale)
-    else:
-        dx.add_(dropped(dyb @ proj.a, mask, proj.p), alpha=proj.scale)
-    return dx, d_a, d_b
+    if mask is None and dyb.dtype == dx.dtype:
+        return dx.addmm_(dyb, proj.a, alpha=proj.scale), d_a, d_b
+    adapter_dx = dropped(dyb @ proj.a, mask, proj.p).mul_(proj.scale)
+    return dx.add_(adapter_dx.to(dx.dtype)), d_a, d_b
 
 
 class _LoraLinear(torch.autograd.Function):
@@ -174,7 +198,7 @@ def _agrees(fused: FusedLoraLinearForward) -> bool:
     finally:
         fused.layer.train(was_training)
     got = lora_forward(x, Adapted(proj.w, proj.a, proj.b, proj.scale, 0.0, proj.bias), None)[0]
-    return expected.shape == got.shape and torch.allclose(expected, got, rtol=1e-4, atol=1e-5)
+    return expected.shape == got.shape and torch.allclose(expected, got, **tolerance(x.dtype))
 
 
 def fuse_lora_linears(model: Any) -> int:

@@ -9,8 +9,9 @@ matmuls and the same gradients. The frozen base weights get no gradient, so thei
 are skipped, as autograd would.
 
 Applied per MLP block only where the structure is exactly that (checked numerically against the block's own
-forward when patched); any other case at run time (adapters disabled or merged, autocast, mixed dtypes,
-sharded weights, no gradient needed) runs the block's original forward.
+forward when patched); any other case at run time (adapters disabled or merged, autocast, an input in another
+dtype than the base, sharded weights, no gradient needed) runs the block's original forward. fp32 adapters on
+a bf16 base (peft's default) are fused too, computing as peft does (see fused_lora.lora_forward).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from chattune.models.fused_lora import (
     lora_backward,
     lora_forward,
     plain_tensors,
+    tolerance,
 )
 
 PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
@@ -124,7 +126,7 @@ def _agrees(fused: FusedLoraMlpForward) -> bool:
     finally:
         fused.module.train(was_training)
     got = _swiglu(x, *no_dropout, [None, None, None])[0]
-    return expected.shape == got.shape and torch.allclose(expected, got, rtol=1e-4, atol=1e-5)
+    return expected.shape == got.shape and torch.allclose(expected, got, **tolerance(x.dtype))
 
 
 def fuse_lora_mlps(model: Any) -> int:
