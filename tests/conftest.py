@@ -77,29 +77,38 @@ def llama3_tokenizer():
     return build_tokenizer(LLAMA3_TEMPLATE, specials, eos="<|eot_id|>", bos="<|begin_of_text|>")
 
 
-@pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory, chatml_tokenizer) -> Path:
-    """A 2-layer, hidden-64 Llama with the ChatML tokenizer, saved as a plain model dir."""
+def save_tiny_llama(path: Path, tokenizer, seed: int = 0, **overrides) -> Path:
+    """A 2-layer, hidden-64 Llama (config `overrides` applied) and `tokenizer`, saved as a plain model dir."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=len(chatml_tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        eos_token_id=chatml_tokenizer.eos_token_id,
-        pad_token_id=chatml_tokenizer.pad_token_id,
-        tie_word_embeddings=False,
-    )
-    path = tmp_path_factory.mktemp("tiny-llama")
-    LlamaForCausalLM(cfg).save_pretrained(path)
-    chatml_tokenizer.save_pretrained(path)
+    torch.manual_seed(seed)
+    settings = {
+        "vocab_size": len(tokenizer),
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 512,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+        "tie_word_embeddings": False,
+    }
+    model = LlamaForCausalLM(LlamaConfig(**settings | overrides))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(std=0.1)  # zero-initialised biases would hide a bias that is dropped
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, chatml_tokenizer) -> Path:
+    """A 2-layer, hidden-64 Llama with the ChatML tokenizer, saved as a plain model dir."""
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny-llama"), chatml_tokenizer)
 
 
 @pytest.fixture(scope="session")

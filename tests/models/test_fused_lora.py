@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tests.conftest import save_tiny_llama
 
 from chattune.models import fused_lora
 from chattune.models.fused_lora import FusedLoraLinearForward, fuse_lora_linears
@@ -38,28 +39,9 @@ def test_same_loss_and_gradients(tiny_model_dir: Path, make_lora_model, lora_ste
 @pytest.fixture(scope="module")
 def biased_model_dir(tmp_path_factory, chatml_tokenizer) -> Path:
     """The tiny Llama with biases on q/k/v/o (as Qwen2 has on q/k/v)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(1)
-    cfg = LlamaConfig(
-        vocab_size=len(chatml_tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        attention_bias=True,
-        pad_token_id=chatml_tokenizer.pad_token_id,
+    return save_tiny_llama(
+        tmp_path_factory.mktemp("tiny-llama-bias"), chatml_tokenizer, 1, attention_bias=True
     )
-    model = LlamaForCausalLM(cfg)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("bias"):
-                p.normal_(std=0.1)  # zero biases would hide a bias that is dropped
-    path = tmp_path_factory.mktemp("tiny-llama-bias")
-    model.save_pretrained(path)
-    chatml_tokenizer.save_pretrained(path)
-    return path
 
 
 def test_frozen_bias(biased_model_dir: Path, make_lora_model, lora_step) -> None:

@@ -16,6 +16,7 @@ peft's forward.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -201,21 +202,24 @@ def _agrees(fused: FusedLoraLinearForward) -> bool:
     return expected.shape == got.shape and torch.allclose(expected, got, **tolerance(x.dtype))
 
 
+def install(modules: Iterable[Any], wrapper: type, agrees: Callable[[Any], bool]) -> int:
+    """Give each module the forward `wrapper(module, module.forward)` where `agrees` accepts it (modules that
+    already have one keep it); returns how many have it."""
+    count = 0
+    for module in modules:
+        if isinstance(module.forward, wrapper):
+            count += 1
+        elif agrees(fused := wrapper(module, module.forward)):
+            module.forward = fused  # this instance only
+            count += 1
+    return count
+
+
 def fuse_lora_linears(model: Any) -> int:
     """Give every plain LoRA Linear the fused forward; returns how many have it.
 
     Those inside a fused MLP block get it too: the block's own function bypasses them, and they serve
     whenever the block falls back to its original forward.
     """
-    count = 0
-    for _, module in model.named_modules():
-        if adapted(module, allow_bias=True) is None:
-            continue
-        if isinstance(module.forward, FusedLoraLinearForward):
-            count += 1
-            continue
-        fused = FusedLoraLinearForward(module, module.forward)
-        if _agrees(fused):
-            module.forward = fused  # this instance only
-            count += 1
-    return count
+    layers = (m for m in model.modules() if adapted(m, allow_bias=True) is not None)
+    return install(layers, FusedLoraLinearForward, _agrees)

@@ -25,6 +25,7 @@ from chattune.models.checkpointing import MLP_NAME
 from chattune.models.fused_lora import (
     Adapted,
     adapted,
+    install,
     keep_mask,
     lora_backward,
     lora_forward,
@@ -131,15 +132,5 @@ def _agrees(fused: FusedLoraMlpForward) -> bool:
 
 def fuse_lora_mlps(model: Any) -> int:
     """Give every SwiGLU MLP block whose projections all carry a plain LoRA adapter the fused forward."""
-    count = 0
-    for name, module in model.named_modules():
-        if name.rsplit(".", 1)[-1] != MLP_NAME or not _is_swiglu(module):
-            continue
-        if isinstance(module.forward, FusedLoraMlpForward):
-            count += 1
-            continue
-        fused = FusedLoraMlpForward(module, module.forward)
-        if _agrees(fused):
-            module.forward = fused  # this instance only
-            count += 1
-    return count
+    blocks = (m for n, m in model.named_modules() if n.rsplit(".", 1)[-1] == MLP_NAME and _is_swiglu(m))
+    return install(blocks, FusedLoraMlpForward, _agrees)
