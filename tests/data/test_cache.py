@@ -140,12 +140,23 @@ def test_changed_tokenizer_files_or_data_are_not_served_from_the_index(tmp_path,
     assert loads.count == 3 and re.search(r"samples kept +│ 4 ", out) and re.search(r"from cache +│ no ", out)
 
 
-def test_replaced_files_of_same_size_and_mtime_change_the_probe(tmp_path, chatml_dir):
+def test_replaced_files_of_same_size_and_mtime_change_the_probe_and_the_full_key(tmp_path, chatml_dir):
+    from transformers import AutoTokenizer
+
+    from chattune.data.encode import cache_key
+    from chattune.data.templates import build_template
+
     cfg = TrainConfig(
         model=str(chatml_dir), train_file=str(_config(tmp_path, chatml_dir).parent / "data.jsonl")
     )
+    tokenizer = AutoTokenizer.from_pretrained(chatml_dir)
+    template = build_template("auto", tokenizer)
+
+    def full_key() -> str:
+        return cache_key(Path(cfg.train_file), template, tokenizer, {})
+
     for path in (Path(cfg.train_file), chatml_dir / "tokenizer.json"):
-        before = cache.probe_key(cfg, cfg.train_file)
+        before, before_full = cache.probe_key(cfg, cfg.train_file), full_key()
         st = path.stat()
         replacement = path.with_suffix(".new")
         replacement.write_bytes(path.read_bytes())  # same size; a new inode (as cp -p and rsync -t make)
@@ -153,6 +164,7 @@ def test_replaced_files_of_same_size_and_mtime_change_the_probe(tmp_path, chatml
         os.replace(replacement, path)
         assert path.stat().st_mtime_ns == st.st_mtime_ns
         assert cache.probe_key(cfg, cfg.train_file) != before
+        assert full_key() != before_full
 
 
 def test_config_fields_the_encoding_depends_on_change_the_probe(tmp_path, chatml_dir):

@@ -26,7 +26,7 @@ import pyarrow as pa
 
 from chattune import __version__
 from chattune.config import TrainConfig
-from chattune.data.encode import ENCODING_REVISION, DataStats, entry_paths, load_stats
+from chattune.data.encode import ENCODING_REVISION, DataStats, entry_paths, file_identity, load_stats
 
 # bump when the probe's inputs or the index's layout change
 INDEX_FORMAT = 1
@@ -91,7 +91,7 @@ def probe_key(cfg: TrainConfig, file: str) -> str | None:
             return None  # the normal path explains what is wrong
         parts = {
             "format": INDEX_FORMAT,
-            "file": [str(data), *_identity(data.stat())],
+            "file": [str(data), *file_identity(data.stat())],
             "config": {name: getattr(cfg, name) for name in _CONFIG_FIELDS},
             "tokenizer_dir": [str(directory), str(directory.resolve()), *_dir_identity(directory)],
             "versions": [__version__, ENCODING_REVISION, *map(_version, _LIBRARIES)],
@@ -165,11 +165,6 @@ def _local_tokenizer_dir(source: str) -> Path | None:
     return None  # an alias to pull or a hub id: the normal path resolves (and may download) it
 
 
-def _identity(st: os.stat_result) -> list[int]:
-    # ctime and inode also catch a file replaced by one with the same size and mtime (cp -p, rsync -t)
-    return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
-
-
 def _dir_identity(directory: Path) -> list[list[Any]]:
     """Name and identity of every non-weight file under `directory` (hidden dirs such as .git skipped)."""
     found: list[list[Any]] = []
@@ -179,7 +174,7 @@ def _dir_identity(directory: Path) -> list[list[Any]]:
             if name.endswith(_WEIGHT_SUFFIXES):
                 continue
             path = Path(root, name)
-            found.append([str(path.relative_to(directory)), *_identity(path.stat())])
+            found.append([str(path.relative_to(directory)), *file_identity(path.stat())])
             if len(found) > _MAX_DIR_FILES:
                 raise _TooManyFiles
     return found

@@ -66,6 +66,15 @@ class DataStats:
         return {f"p{q}": s[min(len(s) - 1, int(len(s) * q / 100))] for q in (50, 90, 99)} | {"max": s[-1]}
 
 
+def file_identity(st: os.stat_result) -> list[int]:
+    """What tells one version of a file from another without reading it: size, mtime, ctime and inode.
+
+    ctime and inode also catch a file replaced by one with the same size and mtime (cp -p, rsync -t), which
+    no user-level call can give the old ctime.
+    """
+    return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
+
+
 def tokenizer_fingerprint(tokenizer: Any) -> str:
     """A short hash of what decides the tokenizer's output (class, vocab size, specials, chat template, files)."""
     h = hashlib.sha256()
@@ -74,19 +83,16 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
     src = Path(str(getattr(tokenizer, "name_or_path", "")))
     if src.is_dir():
         for f in sorted(src.glob("tokenizer*")):
-            st = f.stat()
-            parts.append(f"{f.name}:{st.st_size}:{st.st_mtime_ns}")
+            parts.append(f"{f.name}:{file_identity(f.stat())}")
     h.update("\n".join(parts).encode())
     return h.hexdigest()[:16]
 
 
 def cache_key(path: Path, template: Template, tokenizer: Any, settings: dict[str, Any]) -> str:
     """Identifies one preprocessing result: the file's identity, the template, tokenizer and settings."""
-    st = path.stat()
     key = {
         "file": str(path.resolve()),
-        "size": st.st_size,
-        "mtime": st.st_mtime_ns,
+        "identity": file_identity(path.stat()),
         "template": template.name,
         "limits": asdict(template.limits),
         "tokenizer": tokenizer_fingerprint(tokenizer),
