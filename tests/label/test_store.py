@@ -87,6 +87,34 @@ def test_import_csv_and_json(tmp_path: Path) -> None:
         store.import_file(tmp_path / "x.txt")
 
 
+def test_csv_in_other_encodings_is_refused_naming_the_line(tmp_path: Path) -> None:
+    store = LabelStore(tmp_path / "labels.sqlite")
+    text = "instruction,input,output\nSay hi,,hi\n翻译,你好,hello\n"
+    cases = {
+        "utf16.csv": (text.encode("utf-16"), r"utf16\.csv:1: file is UTF-16 encoded; save it as UTF-8"),
+        "utf16le.csv": (text.encode("utf-16-le"), r"utf16le\.csv:1: file is UTF-16 or UTF-32 encoded"),
+        "gbk.csv": (text.encode("gbk"), r"gbk\.csv:3: not valid UTF-8 at byte 0 .*GBK"),
+    }
+    for name, (data, message) in cases.items():
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(LabelStoreError, match=message):
+            store.import_file(tmp_path / name)
+    assert store.list() == []  # nothing half-imported
+    (tmp_path / "bom.csv").write_bytes(text.encode("utf-8-sig"))  # Excel's UTF-8 with a BOM is fine
+    assert store.import_file(tmp_path / "bom.csv").added == 2
+
+
+def test_csv_rows_are_named_by_their_first_line(tmp_path: Path) -> None:
+    from chattune.label.store import read_rows
+
+    path = tmp_path / "in.csv"
+    path.write_text('instruction,output\n"two\nlines",a\n,\n"x",\n,\n', encoding="utf-8")
+    rows, errors, total = read_rows(path)
+    assert total == 4 and [r["instruction"] for r in rows] == ["two\nlines", "x"]
+    # the empty rows, after a row of two lines
+    assert [e.split(":")[1] for e in errors] == ["4", "6"], errors
+
+
 def test_schema_version_and_migration(tmp_path: Path) -> None:
     path = tmp_path / "labels.sqlite"
     LabelStore(path)

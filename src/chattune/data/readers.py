@@ -69,6 +69,22 @@ def sniff_encoding(head: bytes) -> str | None:
     return None
 
 
+def not_utf8(path: Path, decode_error: UnicodeDecodeError | None = None) -> DataFormatError | None:
+    """Why `path` is not UTF-8 text, naming the file and line (UTF-16/32 by its first bytes, else the first
+    byte that does not decode, GBK's for instance), or None when it is UTF-8."""
+    with path.open("rb") as f:
+        head = f.read(4)
+    if encoding := sniff_encoding(head):
+        return DataFormatError(f"file is {encoding} encoded; save it as UTF-8", file=str(path), line=1)
+    at = bad_utf8_position(path)
+    if at is None:
+        return None
+    reason = f" ({decode_error.reason})" if decode_error is not None else ""
+    return DataFormatError(
+        f"not valid UTF-8 at byte {at[1]}{reason}; is it GBK? save it as UTF-8", file=str(path), line=at[0]
+    )
+
+
 def bad_utf8_position(path: Path) -> tuple[int, int] | None:
     """(line, byte offset in that line) of the first byte that is not UTF-8, or None if the file is UTF-8."""
     data = path.read_bytes()

@@ -22,7 +22,7 @@ except ImportError:  # Windows
     fcntl = None  # type: ignore[assignment]
 
 from chattune.data.formats import FORMATS, Where, detect_format, sample_to_record
-from chattune.data.readers import iter_records
+from chattune.data.readers import iter_records, not_utf8, sniff_encoding
 from chattune.data.schema import SourceRecord
 from chattune.errors import DataFormatError
 
@@ -189,11 +189,34 @@ def record_to_row(value: Any, where: Where) -> dict[str, Any]:
 
 def _iter_file(path: Path) -> Iterator[SourceRecord | DataFormatError]:
     if path.suffix.lower() == ".csv":
-        with path.open(encoding="utf-8-sig", newline="") as fh:
-            for i, row in enumerate(csv.DictReader(fh), start=2):  # line 1 is the header
-                yield SourceRecord(str(path), i, {k: v for k, v in row.items() if k and v not in (None, "")})
+        yield from _iter_csv(path)
     else:
         yield from iter_records(path)
+
+
+def _iter_csv(path: Path) -> Iterator[SourceRecord]:
+    """Rows of a UTF-8 CSV file (an Excel BOM is fine); any other encoding stops the import, naming the line."""
+    with path.open("rb") as f:
+        if sniff_encoding(f.read(4)):  # UTF-16/32 would otherwise read as NUL-ridden text
+            raise LabelStoreError(not_utf8(path).describe())  # type: ignore[union-attr]
+    try:
+        with path.open(encoding="utf-8-sig", newline="") as fh:
+            reader = csv.DictReader(fh)
+            if reader.fieldnames is None:  # (reading the header) an empty file
+                return
+            end = reader.line_num
+            for row in reader:
+                # a row's first line (quoted cells may span several lines; DictReader skips blank ones)
+                start, end = end + 1, reader.line_num
+                values = {k: v for k, v in row.items() if k and v not in (None, "")}
+                yield SourceRecord(str(path), start, values)
+    except UnicodeDecodeError as e:
+        problem = not_utf8(path, e)
+        raise LabelStoreError(
+            problem.describe() if problem else f"{path}: not valid UTF-8 ({e.reason})"
+        ) from None
+    except csv.Error as e:
+        raise LabelStoreError(f"{path}:{reader.line_num}: not a readable CSV row ({e})") from None
 
 
 def read_rows(path: str | Path) -> tuple[list[dict[str, Any]], list[str], int]:

@@ -12,7 +12,7 @@ from typing import Any
 import yaml
 
 from chattune.data.converters import CONVERTERS, ConvertStats
-from chattune.data.readers import bad_utf8_position, sniff_encoding
+from chattune.data.readers import not_utf8, sniff_encoding
 from chattune.data.schema import ROLES
 from chattune.errors import ConfigError, DataFormatError
 
@@ -182,9 +182,4 @@ def convert_csv(
             raise DataFormatError(f"unreadable CSV: {e}", file=file, line=reader.line_num) from None
         except UnicodeDecodeError as e:
             # The text layer decodes ahead in blocks, so the reader's line is not the bad byte's: find it.
-            at = bad_utf8_position(source)
-            raise DataFormatError(
-                f"not valid UTF-8{f' at byte {at[1]}' if at else ''} ({e.reason}); is it GBK? save it as UTF-8",
-                file=file,
-                line=at[0] if at else None,
-            ) from None
+            raise not_utf8(source, e) or DataFormatError(f"not valid UTF-8 ({e.reason})", file=file) from None
