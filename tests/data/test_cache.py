@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
@@ -238,3 +239,23 @@ def test_cached_check_imports_no_torch_transformers_or_datasets(tmp_path, chatml
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "HEAVY []" in proc.stderr and "from cache" in proc.stdout
+
+
+def test_a_training_run_indexes_its_encodings_for_data_check(tmp_path, tiny_model_dir, monkeypatch):
+    from rich.console import Console
+
+    from chattune.config import build_config
+    from chattune.train.run import run_training
+
+    train, evals = tmp_path / "train.jsonl", tmp_path / "eval.jsonl"
+    _write_data(train, CONVERSATIONS)
+    _write_data(evals, CONVERSATIONS[:1])
+    settings = {"model": str(tiny_model_dir), "train_file": str(train), "eval_file": str(evals)}
+    settings |= {"output_dir": str(tmp_path / "out"), "max_steps": 1, "batch_size": 1, "precision": "fp32"}
+    run_training(build_config(settings | {"num_threads": 1}), console=Console(file=io.StringIO()))
+    config = tmp_path / "run.yaml"
+    config.write_text(json.dumps(settings))
+    loads = _Loads(monkeypatch)
+    for split in ("train", "eval"):
+        assert re.search(r"from cache +│ yes", _check(config, "--split", split))
+    assert loads.count == 0, "data check loaded the tokenizer: training did not index its encodings"

@@ -195,6 +195,7 @@ def run_training(cfg: TrainConfig, console: Console | None = None) -> Path:
     import torch
 
     from chattune.data.batching import PackedCollator, PadCollator
+    from chattune.data.cache import probe_key
     from chattune.data.check import print_sanity, print_stats
     from chattune.data.prepare import encode_split, template_for
     from chattune.models.load import load_model, load_tokenizer, pick_precision
@@ -224,17 +225,23 @@ def run_training(cfg: TrainConfig, console: Console | None = None) -> Path:
     if precision == "bf16" and not torch.cuda.is_available() and cfg.precision == "bf16":
         console.print("[yellow]precision: bf16 on this CPU is slow unless it has AVX-512-BF16/AMX[/]")
 
-    # data: tokenizer only, before any weights load, so data errors surface in seconds
+    # data: tokenizer only, before any weights load, so data errors surface in seconds. The probe keys are
+    # taken before the tokenizer loads, as `data check` takes them, so that it finds this run's encodings
+    probes = {file: probe_key(cfg, file) for file in (cfg.train_file, cfg.eval_file) if file}
     tokenizer = load_tokenizer(cfg.model, cfg.tokenizer, cfg.trust_remote_code)
     template = template_for(cfg, tokenizer)
-    train_set, train_stats = encode_split(cfg, tokenizer, template, cfg.train_file, console)
+    train_set, train_stats = encode_split(
+        cfg, tokenizer, template, cfg.train_file, console, probe=probes[cfg.train_file]
+    )
     if len(train_set) == 0:
         raise ConfigError(f"{cfg.train_file} has no usable sample (see the statistics above)")
     print_sanity(console, tokenizer, train_set[0]["input_ids"], train_set[0]["labels"])
     print_stats(console, train_stats, "Training data")
     eval_set = None
     if cfg.eval_file:
-        eval_set, eval_stats = encode_split(cfg, tokenizer, template, cfg.eval_file, console)
+        eval_set, eval_stats = encode_split(
+            cfg, tokenizer, template, cfg.eval_file, console, probe=probes[cfg.eval_file]
+        )
         print_stats(console, eval_stats, "Eval data")
 
     # model and method; seeded first so adapter initialisation is reproducible
