@@ -264,6 +264,30 @@ def test_explicit_resume_from_a_broken_checkpoint_is_a_config_error(
         run_training(build_config(values), console=quiet())
 
 
+class _RunsCode:
+    """Unpickling this runs a shell command: what a tampered checkpoint file could carry."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.mark.parametrize("name", ["rng_state.pth", "optimizer.pt", "scheduler.pt"])
+def test_resume_refuses_checkpoint_files_that_would_run_code(
+    tiny_model_dir, files, reference, tmp_path, name
+):
+    ckpt = shutil.copytree(reference / "checkpoint-9", tmp_path / "checkpoint-9")
+    marker = tmp_path / "code-ran"
+    torch.save({"state": _RunsCode(marker)}, ckpt / name)  # a valid zip, so the structural check passes
+    assert checkpoint_problem(ckpt) is None
+    values = run_values(tiny_model_dir, files, tmp_path / "run", resume=str(ckpt))
+    with pytest.raises(ChattuneError, match=rf"cannot resume from {re.escape(str(ckpt))}: loading its state"):
+        run_training(build_config(values), console=quiet())
+    assert not marker.exists()
+
+
 # ---------------------------------------------------------------------------------------------- failed save
 def test_failed_save_mid_run_stops_naming_the_step_and_keeps_previous_checkpoint(
     tiny_model_dir, files, reference, tmp_path

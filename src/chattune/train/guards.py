@@ -236,6 +236,24 @@ def find_resume_checkpoint(out: Path, console: Any = None, move_aside: bool = Tr
     return None
 
 
+@contextmanager
+def resume_load(checkpoint: str | None) -> Iterator[None]:
+    """Errors loading a checkpoint's state become one ChattuneError naming the checkpoint and what to do."""
+    import pickle
+
+    try:
+        yield
+    except (pickle.UnpicklingError, EOFError, OSError, RuntimeError, ValueError, KeyError) as e:
+        lines = str(e).strip().splitlines()
+        reason = f"{type(e).__name__}: {lines[0]}" if lines else type(e).__name__
+        raise ChattuneError(
+            f"cannot resume from {checkpoint}: loading its state failed ({reason}). Its files are damaged, "
+            "were replaced, or belong to a run with other settings (files that would need arbitrary code to "
+            "unpickle are refused); move the checkpoint away to resume from the one before it, or set "
+            "overwrite_output_dir=true to start over."
+        ) from None
+
+
 def _last_words(out: Path) -> str:
     last = last_good_checkpoint(out)
     return f"the last good checkpoint is {last}" if last else "no checkpoint was written yet"

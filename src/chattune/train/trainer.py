@@ -17,7 +17,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from chattune.data.batching import EpochSeededLengthGroupedSampler
 from chattune.data.templates import IGNORE_INDEX
 from chattune.train.callbacks import TokenCounter
-from chattune.train.guards import save_failed
+from chattune.train.guards import resume_load, save_failed
 from chattune.train.loss import split_backbone_and_head, trained_positions_loss
 
 STAGING = ".staging"
@@ -140,6 +140,25 @@ class ChattuneTrainer(Trainer):
         if self.loss_watch is not None:
             self.loss_watch(loss)
         return loss
+
+    # ------------------------------------------------------------------ resume
+    # transformers loads every resume file with weights_only=True, so a tampered one cannot run code; these
+    # turn its refusal (or a state that does not fit this run) into one sentence naming the checkpoint
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
+        with resume_load(resume_from_checkpoint):
+            super()._load_from_checkpoint(resume_from_checkpoint, model)
+
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        with resume_load(checkpoint):
+            super()._load_optimizer_and_scheduler(checkpoint)
+
+    def _load_scaler(self, checkpoint: str | None) -> None:
+        with resume_load(checkpoint):
+            super()._load_scaler(checkpoint)
+
+    def _load_rng_state(self, checkpoint: str | None) -> None:
+        with resume_load(checkpoint):
+            super()._load_rng_state(checkpoint)
 
     # ------------------------------------------------------------------ atomic checkpoints
     def _get_output_dir(self, trial: Any) -> str:
