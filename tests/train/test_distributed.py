@@ -35,3 +35,39 @@ def test_two_processes_match_one(tiny_model_dir, tmp_path):
     a, b = curve(tmp_path / "one"), curve(tmp_path / "two")
     assert len(a) == len(b) == 6
     assert a == pytest.approx(b, abs=1e-4)
+
+
+def test_a_failed_save_on_rank_0_ends_every_process(tiny_model_dir, tmp_path):
+    # rank 0 fails to move checkpoint-2 into place (the disk is full); rank 1 is then waiting at the save's
+    # barrier: the run must end with the save's message, not hang until the process group's timeout
+    import time
+
+    data = tmp_path / "conv.jsonl"
+    rows = [{"prompt": f"What is {i} plus one?", "response": f"{i + 1}"} for i in range(16)]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    inject = tmp_path / "inject"
+    inject.mkdir()
+    (inject / "sitecustomize.py").write_text(
+        "import os\n"
+        "_replace = os.replace\n"
+        "def replace(src, dst, *a, **k):\n"
+        "    if os.environ.get('RANK') == '0' and os.path.basename(os.fspath(dst)) == 'checkpoint-2':\n"
+        "        raise OSError(28, 'No space left on device', os.fspath(dst))\n"
+        "    return _replace(src, dst, *a, **k)\n"
+        "os.replace = replace\n"
+    )
+    env = os.environ | {"CHATTUNE_HOME": str(tmp_path / "home"), "OMP_NUM_THREADS": "1"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(inject), os.environ.get("PYTHONPATH")]))
+    settings = {"model": str(tiny_model_dir), "train_file": str(data), "format": "prompt_response"}
+    settings |= {"max_steps": 4, "save_steps": 2, "batch_size": 2, "output_dir": str(tmp_path / "out")}
+    (tmp_path / "run.yaml").write_text(json.dumps(settings))  # JSON is YAML
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "chattune", "train"]
+    cmd.append("run.yaml")
+    started = time.monotonic()
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    took = time.monotonic() - started
+    assert proc.returncode != 0
+    said = proc.stdout + proc.stderr
+    assert "saving the checkpoint at step 2 failed: No space left on device" in said, said[-3000:]
+    assert took < 240  # the gloo group's timeout is 30 minutes: a waiting rank 1 would show here
+    assert not (tmp_path / "out" / "checkpoint-2").exists()
