@@ -128,6 +128,62 @@ def test_schema_version_and_migration(tmp_path: Path) -> None:
         LabelStore(path)
 
 
+def test_a_version_1_database_gains_tools_and_keeps_its_records(tmp_path: Path) -> None:
+    from chattune.label.store import MIGRATIONS, fingerprint
+
+    path = tmp_path / "labels.sqlite"
+    db = sqlite3.connect(path)
+    MIGRATIONS[0](db)  # the schema as version 1 wrote it
+    fp = fingerprint("instruction", "Capital of France?", "", "Paris", [])
+    db.execute(
+        "INSERT INTO records (kind, instruction, output, status, created_at, updated_at, fingerprint)"
+        " VALUES ('instruction', 'Capital of France?', 'Paris', 'accepted', 1, 1, ?)",
+        (fp,),
+    )
+    db.execute("PRAGMA user_version = 1")
+    db.commit()
+    db.close()
+    store = LabelStore(path)
+    [rec] = store.list()
+    assert (rec.output, rec.tools) == ("Paris", [])
+    (tmp_path / "same.jsonl").write_text(json.dumps({"instruction": "Capital of France?", "output": "Paris"}))
+    assert store.import_file(tmp_path / "same.jsonl").duplicates == 1  # old fingerprints still match
+
+
+def test_tool_conversations_keep_their_tools_through_import_edit_and_export(tmp_path: Path) -> None:
+    store = LabelStore(tmp_path / "labels.sqlite")
+    tools = [{"name": "get_weather", "parameters": {"city": {"type": "string"}}}]
+    messages = [
+        {"role": "user", "content": "Weather in Paris?"},
+        {"role": "tool", "name": "get_weather", "parameters": {"city": "Paris"}, "observation": "sunny"},
+        {"role": "assistant", "content": "Sunny."},
+    ]
+    src = tmp_path / "in.jsonl"
+    src.write_text(json.dumps({"tools": tools, "conversations": messages}) + "\n")
+    [rid] = store.import_file(src).ids
+    assert store.get(rid).tools == tools
+    assert store.import_file(src).duplicates == 1
+    (tmp_path / "untooled.jsonl").write_text(json.dumps({"conversations": messages}) + "\n")
+    assert store.import_file(tmp_path / "untooled.jsonl").added == 1  # other tools, another record
+    renamed = [tools[0] | {"name": "weather"}]
+    store.update(rid, tools=renamed, status="accepted")
+    with pytest.raises(LabelStoreError, match="JSON list of tool definitions"):
+        store.update(rid, tools=["weather"])
+    with pytest.raises(LabelStoreError, match="only conversation records"):
+        store.add("q", output="a", tools=tools)
+    assert store.export(tmp_path / "out.jsonl").written == 1
+    [(_, sample)] = list(read_samples(tmp_path / "out.jsonl"))
+    assert isinstance(sample, Conversation) and sample.tools == renamed
+    assert (
+        sample.messages[1].tool_call.arguments == {"city": "Paris"} and sample.messages[2].content == "sunny"
+    )
+    report = store.export(tmp_path / "pairs.jsonl", format="prompt_response")
+    assert report.skipped == 1 and "offers tools, which prompt_response cannot hold" in report.reasons[0]
+    assert [r.id for r in store.list(search="string")] == [
+        rid
+    ]  # tools are searchable (only they say "string")
+
+
 def _writer(path: str, worker: int, n: int, errors: str) -> None:
     """n writes cycling create → edit → status change; any exception is written to `errors` for the parent."""
     try:

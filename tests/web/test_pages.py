@@ -86,6 +86,26 @@ def test_labeling_page_import_label_export(tmp_path: Path) -> None:
     assert samples[0].messages[-1].content == "edited"
 
 
+def test_labeling_page_edits_the_tools_of_a_tool_conversation(tmp_path: Path) -> None:
+    ws = Workspace(tmp_path / "ws")
+    tools = [{"name": "get_weather", "parameters": {}}]
+    messages = [{"role": "user", "content": "Weather?"}, {"role": "assistant", "content": "Sunny."}]
+    rid = LabelStore(ws.labels_path).add(messages=messages, tools=tools)
+    plain = LabelStore(ws.labels_path).add(messages=messages)
+    at = _app("labeling", ws.root)
+    assert json.loads(at.text_area(key=f"ed_tools_{rid}").value) == tools
+    at.text_area(key=f"ed_tools_{rid}").set_value('{"name": "x"}')
+    _button(at, f"accept_{rid}").click().run()
+    assert "tools: expected a JSON list" in at.error[0].value
+    assert LabelStore(ws.labels_path).get(rid).status == "pending"  # nothing saved from a bad edit
+    at.text_area(key=f"ed_tools_{rid}").set_value('[{"name": "forecast", "parameters": {}}]')
+    _button(at, f"accept_{rid}").click().run()
+    rec = LabelStore(ws.labels_path).get(rid)
+    assert rec.status == "accepted" and rec.tools == [{"name": "forecast", "parameters": {}}]
+    assert at.session_state["current_id"] == plain
+    assert not [t for t in at.text_area if t.key == f"ed_tools_{plain}"]  # no tools box without tools
+
+
 def _fake_run(ws: Workspace, name: str, *, finished: bool) -> Path:
     out = ws.runs_dir / name
     out.mkdir()
@@ -269,6 +289,20 @@ def test_playground_tool_mode_call_and_observation(tmp_path: Path, tool_model_di
     assert turns[2].content == TOOL_OBSERVATION and turns[2].tool_name == "get_weather"
     assert turns[3].tool_call is None and turns[3].content == TOOL_ANSWER  # the answer used the observation
     assert at.chat_input  # back to the user's turn
+
+    # to labeling: the call, its observation and the tools survive the store and the export intact
+    from chattune.data.formats import read_samples
+
+    _button(at, "send_tool").click().run()
+    assert not at.exception, at.exception
+    rec = ws.store().get(at.session_state["sent_id"])
+    assert rec.kind == "conversation" and [t["name"] for t in rec.tools] == ["get_weather"]
+    ws.store().set_status(rec.id, "accepted")
+    ws.store().export(tmp_path / "labels.jsonl")
+    [(_, sample)] = list(read_samples(tmp_path / "labels.jsonl"))
+    assert sample.tools == rec.tools and [m.role for m in sample.messages] == [m.role for m in turns]
+    assert sample.messages[1].tool_call == call and sample.messages[2].content == TOOL_OBSERVATION
+    assert sample.messages[3].content == TOOL_ANSWER
 
 
 def test_playground_side_by_side(tmp_path: Path, tiny_model_dir: Path, tool_model_dir: Path) -> None:

@@ -29,7 +29,7 @@ from chattune.errors import DataFormatError
 KINDS = ("instruction", "conversation")
 STATUSES = ("pending", "draft", "accepted", "rejected")
 EXPORT_FORMATS = ("conversations", "prompt_response", "context_target")
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 BUSY_TIMEOUT_S = 5.0  # SQLite's own wait for a lock, before our retry loop takes over
 RETRIES = 12  # with backoff capped at 1 s this outlasts any realistic burst of writers
@@ -57,6 +57,7 @@ class Record:
     updated_at: float
     deleted: bool = False
     source: str = ""
+    tools: list[dict[str, Any]] = field(default_factory=list)
 
     def prompt_text(self) -> str:
         """The user's request as one string (instruction, then input on its own line)."""
@@ -127,8 +128,13 @@ def _migrate_0_to_1(db: sqlite3.Connection) -> None:
     db.execute("CREATE INDEX records_fingerprint ON records (fingerprint)")
 
 
+def _migrate_1_to_2(db: sqlite3.Connection) -> None:
+    # the tool definitions of a tool-use conversation (a JSON list; empty for every other record)
+    db.execute("ALTER TABLE records ADD COLUMN tools TEXT NOT NULL DEFAULT '[]'")
+
+
 # index i migrates schema version i to i + 1; append, never edit, so old files upgrade step by step
-MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_migrate_0_to_1]
+MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_migrate_0_to_1, _migrate_1_to_2]
 
 
 def migrate(db: sqlite3.Connection) -> int:
@@ -151,9 +157,13 @@ def _is_busy(error: sqlite3.OperationalError) -> bool:
     return "locked" in text or "busy" in text
 
 
-def fingerprint(kind: str, instruction: str, input: str, output: str, messages: list[Any]) -> str:
+def fingerprint(
+    kind: str, instruction: str, input: str, output: str, messages: list[Any], tools: list[Any] | None = None
+) -> str:
     """A content hash that identifies duplicates whatever their status or author."""
-    body = json.dumps([kind, instruction, input, output, messages], ensure_ascii=False, sort_keys=True)
+    # tools only when present, so records without them keep the hash they had before tools were stored
+    parts = [kind, instruction, input, output, messages, *([tools] if tools else [])]
+    body = json.dumps(parts, ensure_ascii=False, sort_keys=True)
     return hashlib.sha256(body.encode("utf-8")).hexdigest()
 
 
@@ -184,7 +194,18 @@ def record_to_row(value: Any, where: Where) -> dict[str, Any]:
     rec = sample_to_record(sample)
     if "conversations" not in rec:
         rec = {"conversations": [{"role": "user", "content": rec["prompt"]}]}
-    return {"kind": "conversation", "messages": rec["conversations"], "status": status, "author": author}
+    row = {"kind": "conversation", "messages": rec["conversations"], "status": status, "author": author}
+    return row | ({"tools": rec["tools"]} if rec.get("tools") else {})
+
+
+def _checked_tools(tools: list[dict[str, Any]] | None, kind: str) -> list[dict[str, Any]]:
+    """`tools` as stored: a list of JSON objects, and only on conversation records."""
+    tools = list(tools or [])
+    if tools and kind != "conversation":
+        raise LabelStoreError("only conversation records can offer tools")
+    if not all(isinstance(t, dict) for t in tools):
+        raise LabelStoreError("tools must be a JSON list of tool definitions (objects)")
+    return tools
 
 
 def _iter_file(path: Path) -> Iterator[SourceRecord | DataFormatError]:
@@ -357,24 +378,26 @@ class LabelStore:
         output: str = "",
         *,
         messages: list[dict[str, Any]] | None = None,
+        tools: list[dict[str, Any]] | None = None,
         kind: str | None = None,
         status: str = "pending",
         author: str = "",
         source: str = "",
     ) -> int:
-        """Add a record (instruction kind, or conversation kind when `messages` is given); returns its id."""
+        """Add a record (instruction kind, or conversation kind when `messages` is given, with the `tools` a
+        tool-use conversation offers); returns its id."""
         kind = kind or ("conversation" if messages else "instruction")
         self._check(kind, status)
-        msgs = messages or []
-        fp = fingerprint(kind, instruction, input, output, msgs)
+        msgs, tools = messages or [], _checked_tools(tools, kind)
+        fp = fingerprint(kind, instruction, input, output, msgs, tools)
 
         def insert(db: sqlite3.Connection) -> int:
             now = time.time()
             cur = db.execute(
-                "INSERT INTO records (kind, instruction, input, output, messages, status, author, created_at,"
-                " updated_at, fingerprint, source) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (kind, instruction, input, output, json.dumps(msgs, ensure_ascii=False), status, author, now,
-                 now, fp, source),
+                "INSERT INTO records (kind, instruction, input, output, messages, tools, status, author,"
+                " created_at, updated_at, fingerprint, source) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (kind, instruction, input, output, json.dumps(msgs, ensure_ascii=False),
+                 json.dumps(tools, ensure_ascii=False), status, author, now, now, fp, source),
             )  # fmt: skip
             return int(cur.lastrowid)
 
@@ -388,6 +411,7 @@ class LabelStore:
         input: str | None = None,
         output: str | None = None,
         messages: list[dict[str, Any]] | None = None,
+        tools: list[dict[str, Any]] | None = None,
         status: str | None = None,
         author: str | None = None,
     ) -> Record:
@@ -400,16 +424,20 @@ class LabelStore:
                 "input": old.input if input is None else input,
                 "output": old.output if output is None else output,
                 "messages": old.messages if messages is None else messages,
+                "tools": old.tools if tools is None else _checked_tools(tools, old.kind),
                 "status": old.status if status is None else status,
                 "author": old.author if author is None else author,
             }
             self._check(old.kind, new["status"])
-            fp = fingerprint(old.kind, new["instruction"], new["input"], new["output"], new["messages"])
+            fp = fingerprint(
+                old.kind, new["instruction"], new["input"], new["output"], new["messages"], new["tools"]
+            )
             db.execute(
-                "UPDATE records SET instruction=?, input=?, output=?, messages=?, status=?, author=?,"
+                "UPDATE records SET instruction=?, input=?, output=?, messages=?, tools=?, status=?, author=?,"
                 " updated_at=?, fingerprint=? WHERE id=?",
                 (new["instruction"], new["input"], new["output"], json.dumps(new["messages"], ensure_ascii=False),
-                 new["status"], new["author"], time.time(), fp, id),
+                 json.dumps(new["tools"], ensure_ascii=False), new["status"], new["author"], time.time(), fp,
+                 id),
             )  # fmt: skip
             return self._get(db, id)
 
@@ -454,6 +482,7 @@ class LabelStore:
             updated_at=row["updated_at"],
             deleted=row["deleted_at"] is not None,
             source=row["source"],
+            tools=json.loads(row["tools"]),
         )
 
     def _get(self, db: sqlite3.Connection, id: int, deleted: bool = False) -> Record:
@@ -479,7 +508,7 @@ class LabelStore:
             params.append(status)
         if search:
             like = "%" + search.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
-            fields = ("instruction", "input", "output", "messages", "author")
+            fields = ("instruction", "input", "output", "messages", "tools", "author")
             where.append("(" + " OR ".join(f"{f} LIKE ? ESCAPE '\\'" for f in fields) + ")")
             params += [like] * len(fields)
         sql = f"SELECT * FROM records WHERE {' AND '.join(where)} ORDER BY id LIMIT ? OFFSET ?"
@@ -505,7 +534,7 @@ class LabelStore:
         known, dup = self._known(), 0
         for r in rows:
             fp = fingerprint(r["kind"], r.get("instruction", ""), r.get("input", ""), r.get("output", ""),
-                             r.get("messages", []))  # fmt: skip
+                             r.get("messages", []), r.get("tools"))  # fmt: skip
             dup += fp in known
             known.add(fp)
         return ImportPreview(rows[:limit], dup, errors, total)
@@ -520,20 +549,20 @@ class LabelStore:
             known = {r[0] for r in db.execute("SELECT fingerprint FROM records WHERE deleted_at IS NULL")}
             now = time.time()
             for r in rows:
-                msgs = r.get("messages", [])
+                msgs, tools = r.get("messages", []), r.get("tools", [])
                 fp = fingerprint(
-                    r["kind"], r.get("instruction", ""), r.get("input", ""), r.get("output", ""), msgs
+                    r["kind"], r.get("instruction", ""), r.get("input", ""), r.get("output", ""), msgs, tools
                 )
                 if fp in known:
                     report.duplicates += 1
                     continue
                 known.add(fp)
                 cur = db.execute(
-                    "INSERT INTO records (kind, instruction, input, output, messages, status, author,"
-                    " created_at, updated_at, fingerprint, source) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    "INSERT INTO records (kind, instruction, input, output, messages, tools, status, author,"
+                    " created_at, updated_at, fingerprint, source) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (r["kind"], r.get("instruction", ""), r.get("input", ""), r.get("output", ""),
-                     json.dumps(msgs, ensure_ascii=False), r["status"], r["author"] or author, now, now, fp,
-                     Path(path).name),
+                     json.dumps(msgs, ensure_ascii=False), json.dumps(tools, ensure_ascii=False), r["status"],
+                     r["author"] or author, now, now, fp, Path(path).name),
                 )  # fmt: skip
                 report.ids.append(int(cur.lastrowid))
                 report.added += 1
@@ -550,10 +579,8 @@ class LabelStore:
         lines = []
         normalise = FORMATS.get(format)
         for rec in self._all("accepted"):
-            value = _export_value(rec, format)
             try:
-                if value is None:
-                    raise DataFormatError(f"a {len(rec.messages)}-message conversation has no single prompt")
+                value = _export_value(rec, format)
                 # checked with the training reader, so the file never holds a record training would reject
                 normalise(value, Where(SourceRecord(str(path), rec.id, value)))
             except DataFormatError as e:
@@ -576,16 +603,18 @@ class LabelStore:
             offset += len(batch)
 
 
-def _export_value(rec: Record, format: str) -> dict[str, Any] | None:
-    """The record in an export format, or None when a multi-turn conversation cannot be a single pair."""
+def _export_value(rec: Record, format: str) -> dict[str, Any]:
+    """The record in an export format; a DataFormatError says why the format cannot hold it."""
     if format == "conversations":
-        return {"conversations": rec.to_conversation()}
+        return {"conversations": rec.to_conversation()} | ({"tools": rec.tools} if rec.tools else {})
+    if rec.tools:
+        raise DataFormatError(f"it offers tools, which {format} cannot hold; export it as conversations")
     if rec.kind == "instruction":
         prompt, answer = rec.prompt_text(), rec.output
     else:
         turns = [m for m in rec.messages if m.get("role") != "system"]
         if len(turns) != 2 or [m.get("role") for m in turns] != ["user", "assistant"]:
-            return None
+            raise DataFormatError(f"a {len(rec.messages)}-message conversation has no single prompt")
         prompt, answer = turns[0]["content"], turns[1]["content"]
     keys = ("prompt", "response") if format == "prompt_response" else ("context", "target")
     return {keys[0]: prompt, keys[1]: answer}

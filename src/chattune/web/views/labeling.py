@@ -53,8 +53,9 @@ def draft_fields(engine: Engine, rec: Record, sampling: Sampling) -> dict[str, A
         head.pop()
     if not head:
         raise ValueError(f"record {rec.id} has no user turn to answer")
-    where = Where(SourceRecord("label store", rec.id, {"conversations": head}), require_target=False)
-    conv = FORMATS.get("conversations")({"conversations": head}, where)
+    value = {"conversations": head} | ({"tools": rec.tools} if rec.tools else {})  # the model sees the tools
+    where = Where(SourceRecord("label store", rec.id, value), require_target=False)
+    conv = FORMATS.get("conversations")(value, where)
     reply = complete(engine, engine.template.encode_prompt(conv), sampling)
     return {"messages": [*head, {"role": "assistant", "content": reply.display()}]}
 
@@ -221,6 +222,18 @@ def editor_section(
         except json.JSONDecodeError as e:
             st.error(f"not valid JSON: {e}")
             fields = {}
+        if rec.tools:  # a tool-use conversation: its tool definitions, editable beside the messages
+            tools_text = st.text_area("Tools (JSON)", json.dumps(rec.tools, ensure_ascii=False, indent=1),
+                                      key=f"ed_tools_{rec.id}", height=150)  # fmt: skip
+            try:
+                tools = json.loads(tools_text)
+                if not (isinstance(tools, list) and all(isinstance(t, dict) for t in tools)):
+                    raise ValueError("expected a JSON list of tool definitions (objects)")
+            except ValueError as e:  # JSONDecodeError included
+                st.error(f"tools: {e}")
+                fields = {}
+            else:
+                fields = fields and fields | {"tools": tools}
     # two rows: a shortcut hint takes room, and a narrow column would hide the button's own label
     decide, manage = st.columns(3), st.columns(2)
     action = None

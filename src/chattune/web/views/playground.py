@@ -11,6 +11,7 @@ from typing import Any
 
 import streamlit as st
 
+from chattune.data.formats import sample_to_record
 from chattune.data.schema import Conversation, Message, Pair, ToolCall
 from chattune.data.templates import ParsedReply
 from chattune.infer.chat import parse_tools, reply_messages
@@ -225,6 +226,13 @@ def _show_message(m: Message) -> None:
         st.chat_message(m.role).write(m.content)
 
 
+def tool_chat_record(system: str, turns: list[Message], tools: list[dict[str, Any]]) -> dict[str, Any]:
+    """A tool chat as label fields: canonical messages (each call with its observation) and the tools."""
+    head = [Message("system", system)] if system.strip() else []
+    record = sample_to_record(Conversation(head + turns, tools))
+    return {"messages": record["conversations"], "tools": record.get("tools", [])}
+
+
 def tool_mode(ws: Workspace, engine: Engine, sampling: Sampling) -> None:
     """Chat with tools: the model's calls are shown as name + arguments and the user types each observation."""
     system = st.text_area("System prompt", "", key="tool_system", height=68)
@@ -240,9 +248,13 @@ def tool_mode(ws: Workspace, engine: Engine, sampling: Sampling) -> None:
     turns: list[Message] = st.session_state.setdefault("tool_chat", [])
     for m in turns:
         _show_message(m)
-    if st.button("Clear", key="tool_clear", disabled=not turns):
+    col_clear, col_send = st.columns(2)
+    if col_clear.button("Clear", key="tool_clear", disabled=not turns):
         turns.clear()
         st.rerun()
+    answered = any(m.role == "assistant" for m in turns)
+    if col_send.button("Send to labeling", key="send_tool", disabled=not answered):
+        st.session_state["sent_id"] = send_to_labeling(ws, **tool_chat_record(system, turns, tools))
     waiting = pending_calls(turns)
     if waiting:
         call = waiting[0]
