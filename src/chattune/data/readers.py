@@ -69,13 +69,22 @@ def sniff_encoding(head: bytes) -> str | None:
     return None
 
 
+def utf16_or_32(path: Path, head: bytes | None = None) -> DataFormatError | None:
+    """The error for a file whose first bytes (`head`, read when not given) show UTF-16/32, else None."""
+    if head is None:
+        with path.open("rb") as f:
+            head = f.read(4)
+    encoding = sniff_encoding(head)
+    if encoding is None:
+        return None
+    return DataFormatError(f"file is {encoding} encoded; save it as UTF-8", file=str(path), line=1)
+
+
 def not_utf8(path: Path, decode_error: UnicodeDecodeError | None = None) -> DataFormatError | None:
     """Why `path` is not UTF-8 text, naming the file and line (UTF-16/32 by its first bytes, else the first
     byte that does not decode, GBK's for instance), or None when it is UTF-8."""
-    with path.open("rb") as f:
-        head = f.read(4)
-    if encoding := sniff_encoding(head):
-        return DataFormatError(f"file is {encoding} encoded; save it as UTF-8", file=str(path), line=1)
+    if problem := utf16_or_32(path):
+        return problem
     at = bad_utf8_position(path)
     if at is None:
         return None
@@ -115,8 +124,8 @@ def iter_records(path: str | Path) -> Iterator[SourceRecord | DataFormatError]:
     path = Path(path)
     check_file(path)
     head = _read_head(path)
-    if encoding := sniff_encoding(head):
-        raise DataFormatError(f"file is {encoding} encoded; save it as UTF-8", file=str(path), line=1)
+    if problem := utf16_or_32(path, head):
+        raise problem
     first = head.lstrip(b"\xef\xbb\xbf \t\r\n")[:1]
     # A .jsonl file is lines whatever its first record looks like: a first line `[...]` is a bad record
     # on line 1, not the start of an array that swallows the rest of the file.

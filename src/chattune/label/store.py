@@ -22,7 +22,7 @@ except ImportError:  # Windows
     fcntl = None  # type: ignore[assignment]
 
 from chattune.data.formats import FORMATS, Where, detect_format, sample_to_record
-from chattune.data.readers import iter_records, not_utf8, sniff_encoding
+from chattune.data.readers import iter_records, not_utf8, utf16_or_32
 from chattune.data.schema import SourceRecord
 from chattune.errors import DataFormatError
 
@@ -198,14 +198,13 @@ def record_to_row(value: Any, where: Where) -> dict[str, Any]:
     return row | ({"tools": rec["tools"]} if rec.get("tools") else {})
 
 
-def _checked_tools(tools: list[dict[str, Any]] | None, kind: str) -> list[dict[str, Any]]:
+def checked_tools(tools: Any, kind: str = "conversation") -> list[dict[str, Any]]:
     """`tools` as stored: a list of JSON objects, and only on conversation records."""
-    tools = list(tools or [])
+    if not (isinstance(tools, list | None) and all(isinstance(t, dict) for t in tools or [])):
+        raise LabelStoreError("expected a JSON list of tool definitions (objects)")
     if tools and kind != "conversation":
         raise LabelStoreError("only conversation records can offer tools")
-    if not all(isinstance(t, dict) for t in tools):
-        raise LabelStoreError("tools must be a JSON list of tool definitions (objects)")
-    return tools
+    return list(tools or [])
 
 
 def _iter_file(path: Path) -> Iterator[SourceRecord | DataFormatError]:
@@ -217,9 +216,8 @@ def _iter_file(path: Path) -> Iterator[SourceRecord | DataFormatError]:
 
 def _iter_csv(path: Path) -> Iterator[SourceRecord]:
     """Rows of a UTF-8 CSV file (an Excel BOM is fine); any other encoding stops the import, naming the line."""
-    with path.open("rb") as f:
-        if sniff_encoding(f.read(4)):  # UTF-16/32 would otherwise read as NUL-ridden text
-            raise LabelStoreError(not_utf8(path).describe())  # type: ignore[union-attr]
+    if problem := utf16_or_32(path):  # which would otherwise read as NUL-ridden text
+        raise LabelStoreError(problem.describe())
     try:
         with path.open(encoding="utf-8-sig", newline="") as fh:
             reader = csv.DictReader(fh)
@@ -388,7 +386,7 @@ class LabelStore:
         tool-use conversation offers); returns its id."""
         kind = kind or ("conversation" if messages else "instruction")
         self._check(kind, status)
-        msgs, tools = messages or [], _checked_tools(tools, kind)
+        msgs, tools = messages or [], checked_tools(tools, kind)
         fp = fingerprint(kind, instruction, input, output, msgs, tools)
 
         def insert(db: sqlite3.Connection) -> int:
@@ -424,7 +422,7 @@ class LabelStore:
                 "input": old.input if input is None else input,
                 "output": old.output if output is None else output,
                 "messages": old.messages if messages is None else messages,
-                "tools": old.tools if tools is None else _checked_tools(tools, old.kind),
+                "tools": old.tools if tools is None else checked_tools(tools, old.kind),
                 "status": old.status if status is None else status,
                 "author": old.author if author is None else author,
             }

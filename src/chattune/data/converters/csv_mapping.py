@@ -12,7 +12,7 @@ from typing import Any
 import yaml
 
 from chattune.data.converters import CONVERTERS, ConvertStats
-from chattune.data.readers import not_utf8, sniff_encoding
+from chattune.data.readers import not_utf8, utf16_or_32
 from chattune.data.schema import ROLES
 from chattune.errors import ConfigError, DataFormatError
 
@@ -133,10 +133,8 @@ def convert_csv(
     mapping = Path(mapping)
     templates = load_mapping(mapping)
     file = str(source)
-    with source.open("rb") as f:
-        head = f.read(4)
-    if encoding := sniff_encoding(head):
-        raise DataFormatError(f"file is {encoding} encoded; save it as UTF-8", file=file, line=1)
+    if problem := utf16_or_32(source):
+        raise problem
     if csv.field_size_limit() < _FIELD_LIMIT:
         csv.field_size_limit(_FIELD_LIMIT)
     # newline="" lets the csv module keep newlines inside quoted cells; utf-8-sig drops Excel's BOM.

@@ -13,7 +13,7 @@ from chattune.data.schema import SourceRecord
 from chattune.errors import DataFormatError
 from chattune.infer.engine import Engine
 from chattune.infer.generate import Sampling
-from chattune.label.store import EXPORT_FORMATS, STATUSES, LabelStore, LabelStoreError, Record
+from chattune.label.store import EXPORT_FORMATS, STATUSES, LabelStore, LabelStoreError, Record, checked_tools
 from chattune.web import nav
 from chattune.web.views.playground import complete, load, pick_model, prompt_ids
 from chattune.web.workspace import Workspace, current
@@ -226,10 +226,8 @@ def editor_section(
             tools_text = st.text_area("Tools (JSON)", json.dumps(rec.tools, ensure_ascii=False, indent=1),
                                       key=f"ed_tools_{rec.id}", height=150)  # fmt: skip
             try:
-                tools = json.loads(tools_text)
-                if not (isinstance(tools, list) and all(isinstance(t, dict) for t in tools)):
-                    raise ValueError("expected a JSON list of tool definitions (objects)")
-            except ValueError as e:  # JSONDecodeError included
+                tools = checked_tools(json.loads(tools_text))
+            except (ValueError, LabelStoreError) as e:  # JSONDecodeError is a ValueError
                 st.error(f"tools: {e}")
                 fields = {}
             else:
