@@ -16,6 +16,39 @@ torch.set_num_threads(1)
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
 
+# The precisions every numerics test runs in, on every machine: a tiny model makes bf16 cheap even on a CPU
+# whose bf16 matmuls are slow, so a developer on an AVX2 machine sees what an AMX machine or a GPU would.
+PRECISIONS = ("fp32", "bf16")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+@pytest.fixture(params=PRECISIONS)
+def precision(request) -> str:
+    """`fp32` or `bf16`: the test runs once in each (ids `fp32` and `bf16`)."""
+    return request.param
+
+
+def pytest_addoption(parser) -> None:
+    parser.addoption(
+        "--emulate-cpu",
+        choices=("avx2", "amx"),
+        default=None,
+        help="let `precision: auto` pick as on an AVX2-only CPU (fp32) or an AVX-512-BF16/AMX CPU (bf16), "
+        "in this process and in the chattune processes tests start",
+    )
+
+
+def pytest_configure(config) -> None:
+    emulated = config.getoption("--emulate-cpu")
+    if emulated:
+        import chattune.models.load
+
+        chattune.models.load.cpu_has_fast_bf16 = lambda: emulated == "amx"
+        os.environ["CHATTUNE_TEST_EMULATE_CPU"] = emulated
+        path = [str(ROOT / "tests" / "emulate_cpu"), os.environ.get("PYTHONPATH", "")]
+        os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, path))
+
+
 CHATML_TEMPLATE = (
     "{% for message in messages %}"
     "{% if loop.first and messages[0]['role'] != 'system' %}<|im_start|>system\nYou are helpful.<|im_end|>\n{% endif %}"

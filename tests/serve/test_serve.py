@@ -5,34 +5,28 @@ from __future__ import annotations
 import json
 import threading
 import time
-import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 
 pytest.importorskip("fastapi")
 pytest.importorskip("openai")
 
 import httpx
 import openai
+from tests.scripted import save_scripted_llama
 
-from chattune.config import build_config
 from chattune.data.schema import Conversation, Message, ToolCall
 from chattune.errors import ConfigError
 from chattune.infer.engine import Engine, load_engine
 from chattune.serve import ServeLimits, run_server
 from chattune.serve.server import is_loopback
-from chattune.train.run import run_training
 
 KEY = "sk-test-0123456789"
 HELLO = [{"role": "user", "content": "Hello! How can I help you today?"}]
-# short, so the prompt (tools are rendered into the system text) stays short and training fast
 TOOLS = [{"type": "function", "function": {"name": "get_weather"}}]
-LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"]
 
 
 def client_for(base: str, key: str = KEY) -> openai.OpenAI:
@@ -55,9 +49,17 @@ def assert_openai_error(resp: httpx.Response, status: int | None = None) -> dict
     return error
 
 
+# The served models recite a script whatever the prompt (tests/scripted.py): what they say is known by
+# construction, in any precision, so these tests check the server and not a random model's luck.
+REPLY = ["The", " capital", " of", " France", " is", " Paris", "."]
+CALL = ["<tool_call>", '\n{"name": "get_weather", ', '"arguments": {"city": "Paris"}}', "\n</tool_call>"]
+
+
 @pytest.fixture(scope="module")
-def engine(tiny_model_dir: Path) -> Engine:
-    return load_engine(str(tiny_model_dir))
+def engine(chatml_tokenizer, tmp_path_factory) -> Engine:
+    """Says REPLY over and over and never stops by itself: only the token budget or a stop string ends it."""
+    path = save_scripted_llama(tmp_path_factory.mktemp("talker"), chatml_tokenizer, REPLY, forever=True)
+    return load_engine(str(path))
 
 
 @pytest.fixture(scope="module")
@@ -104,11 +106,9 @@ def test_completion_shape_and_usage(client, engine):
     assert choice.message.tool_calls is None
     prompt = engine.template.encode_prompt(Conversation([Message("user", HELLO[0]["content"])]))
     assert r.usage.prompt_tokens == len(prompt)
-    assert 0 < r.usage.completion_tokens <= 12
+    assert r.usage.completion_tokens == 12 and choice.finish_reason == "length"  # it never stops by itself
     assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
-    # the random model hardly ever emits its stop token, so 12 tokens means the budget ran out
-    expected = "length" if r.usage.completion_tokens == 12 else "stop"
-    assert choice.finish_reason == expected
+    assert choice.message.content == "".join(REPLY + REPLY[:5])
 
 
 def test_stream_adds_up_to_the_whole_reply(client):
@@ -125,17 +125,22 @@ def test_stream_adds_up_to_the_whole_reply(client):
     assert sum(bool(c.choices and c.choices[0].delta.content) for c in chunks) > 1  # really incremental
 
 
-def test_stop_strings_cut_the_reply(client):
+@pytest.mark.parametrize(
+    ("stop", "expected"),
+    [
+        ("France", "The capital of"),  # a whole token
+        ("apit", "The c"),  # inside a token: the text before it still comes back
+        ("ce is P", "The capital of Fran"),  # across three tokens
+        (".The", "The capital of France is Paris"),  # only where the reply starts again
+    ],
+)
+def test_stop_strings_cut_the_reply(client, stop, expected):
     kw = {"model": "tiny", "messages": HELLO, "max_tokens": 40, "temperature": 0}
-    full = client.chat.completions.create(**kw).choices[0].message.content
-    stop = next(
-        full[i : i + 2] for i in range(8, len(full) - 2) if full[i : i + 2].strip() == full[i : i + 2]
-    )
-    expected = full[: full.find(stop)].strip()
     r = client.chat.completions.create(**kw, stop=[stop, "never-generated"])
     assert r.choices[0].message.content == expected and r.choices[0].finish_reason == "stop"
-    pieces = client.chat.completions.create(**kw, stop=stop, stream=True)
+    pieces = list(client.chat.completions.create(**kw, stop=stop, stream=True))
     assert "".join(c.choices[0].delta.content or "" for c in pieces if c.choices) == expected
+    assert [c.choices[0].finish_reason for c in pieces if c.choices][-1] == "stop"
 
 
 def test_concurrent_requests_are_serialised(client):
@@ -310,41 +315,14 @@ def test_abandoned_non_streamed_request_is_cancelled(base, client, engine):
         assert calls[0] < 250, calls[0]
 
 
-# ---------------------------------------------------------------- tool calls, from a model trained to make one
+# ---------------------------------------------------------------- tool calls, from a model that makes one
 
 
 @pytest.fixture(scope="module")
-def tool_engine(tiny_model_dir: Path, tmp_path_factory) -> Engine:
-    """The tiny model after a short LoRA run on one conversation whose reply is a get_weather call."""
-    tmp = tmp_path_factory.mktemp("tool-run")
-    record = {
-        "tools": TOOLS,
-        "conversations": [
-            {"role": "user", "content": "weather in Paris?"},
-            {"role": "tool", "name": "get_weather", "parameters": {"city": "Paris"}, "observation": "sunny"},
-            {"role": "assistant", "content": "Sunny.", "loss": False},
-        ],
-    }
-    data = tmp / "tool.jsonl"
-    data.write_text((json.dumps(record) + "\n") * 4)
-    # Identical samples, so batch 1 gives the same gradient as any batch, at the least cost. The random lm_head
-    # caps every logit near 1 (hidden 64, std 0.02), so without LoRA on lm_head the loss cannot fall below ~4.7;
-    # and a 2-layer model learns one reply after "assistant" far faster than two, hence no loss on "Sunny.".
-    cfg = {"model": str(tiny_model_dir), "train_file": str(data), "output_dir": str(tmp / "run"), "batch_size": 1,
-           "grad_accum": 1, "learning_rate": 1e-2, "lr_scheduler": "constant", "max_steps": 50, "lora_rank": 8,
-           "lora_alpha": 16, "lora_target": LORA_TARGETS, "lora_dropout": 0.0, "logging_steps": 10,
-           "save_steps": 1000, "seed": 1, "num_threads": 1}  # fmt: skip
-    # one thread: on a model this small, more only add synchronisation (6x slower on a busy 2-core machine)
-    threads = torch.get_num_threads()
-    try:
-        with (
-            warnings.catch_warnings()
-        ):  # lm_head among the targets is deliberate; peft warns that it saves it
-            warnings.filterwarnings("ignore", message="Setting `save_embedding_layers`")
-            final = run_training(build_config(cfg))
-    finally:
-        torch.set_num_threads(threads)  # run_training sets it for the whole process
-    return load_engine(str(tiny_model_dir), adapter=final)
+def tool_engine(chatml_tokenizer, tmp_path_factory) -> Engine:
+    """Answers every prompt with CALL, a get_weather call written as the template writes calls, then stops."""
+    path = save_scripted_llama(tmp_path_factory.mktemp("caller"), chatml_tokenizer, CALL)
+    return load_engine(str(path))
 
 
 @pytest.fixture(scope="module")
