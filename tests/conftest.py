@@ -28,6 +28,17 @@ def precision(request) -> str:
     return request.param
 
 
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """|actual - expected| / |expected| over the whole tensor, in fp32.
+
+    bf16 gradients are compared this way: rounding moves small elements by large fractions of themselves, so
+    an element-wise relative bound would be loose everywhere to pass anywhere, while a wrong term shows in
+    the norm at once.
+    """
+    actual, expected = actual.float(), expected.float()
+    return float((actual - expected).norm() / expected.norm().clamp(min=1e-30))
+
+
 def pytest_addoption(parser) -> None:
     parser.addoption(
         "--emulate-cpu",
