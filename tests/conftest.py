@@ -39,6 +39,21 @@ def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return float((actual - expected).norm() / expected.norm().clamp(min=1e-30))
 
 
+def replies_in(engine, precision: str, prompts: list, max_new_tokens: int = 64) -> list:
+    """Greedy replies (parsed) of a copy of `engine`'s model cast to `precision`, one per prompt Sample.
+
+    Fixtures that teach a tiny model a reply check it this way in every precision, so a test never hangs on
+    what the model happens to say where `precision: auto` picks another precision (an AMX CPU, a GPU).
+    """
+    import copy
+    import dataclasses
+
+    from chattune.infer.generate import Sampling, generate_one
+
+    cast = dataclasses.replace(engine, model=copy.deepcopy(engine.model).to(DTYPES[precision]))
+    return [generate_one(cast, p, Sampling(max_new_tokens=max_new_tokens)) for p in prompts]
+
+
 def pytest_addoption(parser) -> None:
     parser.addoption(
         "--emulate-cpu",

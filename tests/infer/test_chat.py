@@ -9,6 +9,7 @@ from types import SimpleNamespace
 
 import pytest
 from rich.console import Console
+from tests.conftest import PRECISIONS, replies_in
 
 import chattune.infer.chat as chat
 from chattune.data.schema import Conversation, Message, ToolCall
@@ -230,12 +231,21 @@ def weather_model(tiny_model_dir, tmp_path_factory) -> tuple[Engine, Path]:
     # one thread: tests share the machine, and a tiny model gains nothing from more
     values = dict(model=str(tiny_model_dir), train_file=str(data), output_dir=str(root / "run"), batch_size=1,
                   grad_accum=1, learning_rate=1e-2, lr_scheduler="constant", lora_rank=32, lora_dropout=0.0,
-                  max_steps=80, logging_steps=40, save_steps=1000, seed=1,
-                  num_threads=1)  # fmt: skip
+                  max_steps=80, logging_steps=40, save_steps=1000, seed=1, num_threads=1,
+                  precision="fp32")  # fmt: skip
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("CHATTUNE_HOME", str(root / "home"))
         final = run_training(build_config(values), console=Console(file=io.StringIO()))
-    return load_engine(None, final), tools
+    engine = load_engine(None, final)
+    # it learned both replies, in every precision `auto` may load it in (the test must not hang on luck)
+    call = ToolCall("get_weather", {"city": "Paris"})
+    asked = [Message("user", "weather in Paris?")]
+    observed = [*asked, Message("assistant", "", metadata=call.name, tool_call=call),
+                Message("observation", "sunny", tool_name=call.name)]  # fmt: skip
+    for precision in PRECISIONS:
+        said = replies_in(engine, precision, [Conversation(asked, TOOLS), Conversation(observed, TOOLS)])
+        assert said[0].tool_calls == [call] and said[1].content == "Sunny.", (precision, said)
+    return engine, tools
 
 
 def test_tool_call_asks_for_the_observation_and_answers(weather_model, monkeypatch):

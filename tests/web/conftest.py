@@ -13,14 +13,19 @@ TOOL_OBSERVATION = "sunny, 21 degrees"
 TOOL_ANSWER = "It is sunny."
 
 
-def teach_tool_call(base: Path, out: Path, tools: list[dict], steps: int = 150) -> Path:
-    """Overfit `base` on one tool-calling exchange (call, then an answer after the observation); saves to `out`."""
+def teach_tool_call(base: Path, out: Path, tools: list[dict], rounds: int = 6) -> Path:
+    """Overfit `base` on one tool-calling exchange (call, then an answer after the observation); saves to `out`.
+
+    Trains in fp32 in rounds of 50 steps until greedy decoding gives the call and the answer in fp32 and in
+    bf16 (what `precision: auto` loads on AMX CPUs and GPUs), so the tests see the same replies anywhere.
+    """
     import torch
+    from tests.conftest import PRECISIONS, replies_in
 
     from chattune.data.schema import Conversation, Message, ToolCall
     from chattune.infer.engine import load_engine
 
-    engine = load_engine(str(base))
+    engine = load_engine(str(base), precision="fp32")
     call = ToolCall("get_weather", {"city": "Paris"})
     asked = [Message("user", TOOL_PROMPT)]
     called = [*asked, Message("assistant", "", metadata=call.name, tool_call=call)]
@@ -31,18 +36,25 @@ def teach_tool_call(base: Path, out: Path, tools: list[dict], steps: int = 150) 
     ]
     # encoded by chattune's own template, exactly as the playground will prompt it
     batches = [engine.template.encode(Conversation(m, tools)) for m in (called, answered)]
+    prompts = [Conversation(asked, tools), Conversation(answered[:-1], tools)]
     model = engine.model
-    model.train()
     torch.manual_seed(0)
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    for _ in range(steps):
-        for enc in batches:
-            ids = torch.tensor([enc.input_ids])
-            loss = model(input_ids=ids, labels=torch.tensor([enc.labels])).loss
-            loss.backward()
-            opt.step()
-            opt.zero_grad()
-    model.eval()
+    for _ in range(rounds):
+        model.train()
+        for _ in range(50):
+            for enc in batches:
+                ids = torch.tensor([enc.input_ids])
+                loss = model(input_ids=ids, labels=torch.tensor([enc.labels])).loss
+                loss.backward()
+                opt.step()
+                opt.zero_grad()
+        model.eval()
+        said = {p: replies_in(engine, p, prompts) for p in PRECISIONS}
+        if all(r[0].tool_calls == [call] and r[1].content == TOOL_ANSWER for r in said.values()):
+            break
+    else:
+        raise AssertionError(f"the tiny model did not learn the tool exchange in {rounds * 50} steps: {said}")
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
     engine.tokenizer.save_pretrained(out)
