@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.chattune-installed
 
-.PHONY: setup test test-slow quickstart lint
+.PHONY: setup test test-other-cpu test-slow quickstart lint
 
 setup: $(STAMP)
 
@@ -26,6 +26,12 @@ $(STAMP): pyproject.toml
 
 test: setup
 	$(PY) -m pytest -q
+
+# The suite as the other kind of CPU would run it: `precision: auto` picks bf16 as on an AVX-512-BF16/AMX CPU
+# (or fp32 as on an AVX2-only one, when this machine has AMX); the kernels stay this machine's.
+test-other-cpu: setup
+	@if grep -qE 'avx512_bf16|amx_bf16' /proc/cpuinfo; then other=avx2; else other=amx; fi; \
+	echo "emulating $$other"; $(PY) -m pytest -q --emulate-cpu $$other
 
 test-slow: setup
 	$(PY) -m pytest -q -m slow
