@@ -34,6 +34,20 @@ def test_data_check_prints_table_and_stats(workdir, run_cli):
     assert "samples kept" in proc.stdout and "'<|im_end|>':" in proc.stdout
 
 
+def test_data_check_warns_about_fields_it_does_not_read(workdir, run_cli):
+    record = {"id": 7, "conversations": [{"role": "user", "content": "Hi"},
+              {"role": "assistant", "content": "Hello", "weight": 0.5}]}  # fmt: skip
+    (workdir / "data.jsonl").write_text(json.dumps(record) + "\n")
+    proc = run_cli("data", "check", "run.yaml", "-n", "1", cwd=workdir)
+    assert proc.returncode == 0, proc.stderr
+    out = " ".join(proc.stdout.split())  # rich wraps long lines
+    assert "warning: field 'weight' is not read by this format" in out
+    assert "data.jsonl:1: field 'conversations[1].weight'" in out
+    assert "weight (1)" in out and "id (1)" in out  # in the statistics too
+    strict = run_cli("data", "check", "run.yaml", "strict_fields=true", cwd=workdir)
+    assert_clean_failure(strict, "data.jsonl:1", "conversations[1].weight", "strict_fields")
+
+
 def test_data_check_json_is_pure(workdir, run_cli):
     proc = run_cli("data", "check", "run.yaml", "--json", "-n", "5", cwd=workdir)
     assert proc.returncode == 0, proc.stderr

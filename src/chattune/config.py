@@ -41,6 +41,9 @@ class TrainConfig(BaseModel):
     on_bad_record: Literal["error", "skip"] = Field(
         "error", description="stop at a bad record, or skip and count"
     )
+    strict_fields: bool = Field(
+        False, description="a message field the format does not read is an error (default: a warning)"
+    )
     max_seq_len: int = Field(2048, gt=0, description="token limit for conversations")
     max_source_len: int = Field(
         1024, gt=0, description="token limit for a prompt/context (prefix tokens included)"

@@ -161,3 +161,50 @@ def test_unknown_fields_explain_and_advertisegen_hint(tmp_path):
         samples(write_jsonl(tmp_path / "x.jsonl", [{"foo": 1}]))
     with pytest.raises(DataFormatError, match="convert advertise-gen"):
         samples(write_jsonl(tmp_path / "y.jsonl", [{"content": "c", "summary": "s"}]))
+
+
+# ---------------------------------------------------------------- fields no reader uses are never lost silently
+
+
+def test_unread_message_fields_are_counted_with_the_first_place_and_a_hint(tmp_path):
+    rows = [
+        {"id": 1, "conversations": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]},
+        {"id": 2, "source": "web", "conversations": [{"role": "user", "content": "q"},
+         {"role": "assistant", "content": "a", "lost": False, "weight": 0.5}]},
+        {"id": 3, "conversations": [{"role": "user", "content": "q"},
+         {"role": "assistant", "content": "a", "lost": True}]},
+    ]  # fmt: skip
+    path = write_jsonl(tmp_path / "d.jsonl", rows)
+    report = ReadReport()
+    assert len(samples(path, report=report)) == 3  # warnings, not errors: every record is still read
+    lost = report.unknown_fields["lost"]
+    assert lost["count"] == 2 and lost["hint"] == " Did you mean 'loss'?"
+    assert lost["first"] == f"{path}:2: field 'conversations[1].lost'"
+    assert report.unknown_fields["weight"]["count"] == 1
+    assert report.extra_fields == {"id": 3, "source": 1}  # record-level extras: listed, not warned
+
+
+def test_a_record_field_one_edit_from_a_known_one_is_reported(tmp_path):
+    rec = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}], "tool": []}
+    report = ReadReport()
+    samples(write_jsonl(tmp_path / "d.jsonl", [rec]), report=report)
+    assert report.unknown_fields["tool"]["hint"] == " Did you mean 'tools'?" and not report.extra_fields
+
+
+@pytest.mark.parametrize(
+    ("record", "field"),
+    [
+        ({"conversations": [{"role": "user", "content": "q", "weight": 2}, {"role": "assistant", "content": "a"}]},
+         "conversations[0].weight"),
+        ({"conversations": [{"from": "human", "value": "q", "weight": 1}, {"from": "gpt", "value": "a"}]},
+         "conversations[0].weight"),
+        ({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a", "weight": 1}]},
+         "messages[1].weight"),
+        ({"prompt": "p", "respons": "r", "response": "r"}, "respons"),
+    ],
+)  # fmt: skip
+def test_strict_fields_makes_an_unread_field_an_error(tmp_path, record, field):
+    path = write_jsonl(tmp_path / "d.jsonl", [record])
+    with pytest.raises(DataFormatError) as err:
+        samples(path, strict_fields=True)
+    assert err.value.field == field and err.value.line == 1 and "strict_fields" in err.value.describe()

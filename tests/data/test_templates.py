@@ -31,7 +31,7 @@ def learnt(tok, enc) -> str:
 
 
 def test_chatglm3_worked_example_exact(glm_tok):
-    enc = build_template("auto", glm_tok).encode(WORKED)
+    [enc] = build_template("auto", glm_tok).encode(WORKED)
     assert enc.input_ids == [64790, 64792, 64794, 30910, 13, 809, 383, 260, 6483, 9319, 30930, 64795, 30910, 13,
                              8686, 64796, 30910, 13, 13755, 30992, 64795, 30910, 13, 1690, 30911, 64796, 30910, 13,
                              3574, 16232, 30930, 2]  # fmt: skip
@@ -94,7 +94,7 @@ def test_chatglm3_tools_observation_loss_false_and_truncation(glm_tok, tmp_path)
     path.write_text(json.dumps({"tools": tools, "conversations": conv}, ensure_ascii=False) + "\n")
     ((_, sample),) = list(read_samples(path))
     for max_len in (10**6, 40):
-        enc = build_template("chatglm3", glm_tok, Limits(max_seq_len=max_len)).encode(sample)
+        [enc] = build_template("chatglm3", glm_tok, Limits(max_seq_len=max_len)).encode(sample)
         assert (enc.input_ids, enc.labels) == official_reference(glm_tok, conv, tools, max_len)
         assert enc.truncated == (max_len == 40)
     assert "tool_call(city='Paris', days=2)" in glm_tok.decode(enc.input_ids) or max_len == 40
@@ -103,7 +103,7 @@ def test_chatglm3_tools_observation_loss_false_and_truncation(glm_tok, tmp_path)
 def test_chatglm3_input_output_pair(glm_tok):
     tpl = build_template("chatglm3", glm_tok, Limits(max_source_len=6, max_target_len=3))
     pair = Pair("类型#上衣*材质#牛仔布*颜色#白色", "简约而不简单的牛仔外套")
-    enc = tpl.encode(pair)
+    [enc] = tpl.encode(pair)
     src = glm_tok.encode(pair.prompt, add_special_tokens=False)[:4]
     tgt = glm_tok.encode(pair.response, add_special_tokens=False)[:3]
     assert enc.input_ids == [64790, 64792, *src, *tgt, 2]
@@ -117,7 +117,7 @@ def test_hf_masks_learn_replies_and_end_of_turn_only(request, which):
     tok = request.getfixturevalue(which)
     tpl = build_template("auto", tok)
     assert tpl.name == "hf"
-    enc = tpl.encode(WORKED)
+    [enc] = tpl.encode(WORKED)
     eot = "<|im_end|>" if which == "chatml_tokenizer" else "<|eot_id|>"
     assert learnt(tok, enc) == f"Hello!{eot}Goodbye.{eot}"
     # the full text is exactly the tokenizer's own rendering
@@ -140,20 +140,20 @@ def _hf(conv):
 def test_hf_respects_loss_flags(chatml_tokenizer):
     conv = Conversation([Message("user", "q"), Message("assistant", "one", loss=False), Message("user", "q"),
                          Message("assistant", "two")])  # fmt: skip
-    enc = build_template("hf", chatml_tokenizer).encode(conv)
+    [enc] = build_template("hf", chatml_tokenizer).encode(conv)
     assert learnt(chatml_tokenizer, enc) == "two<|im_end|>"
 
 
 def test_hf_tool_call_messages_render(chatml_tokenizer):
     conv = Conversation([Message("user", "q"), Message("assistant", "", tool_call=ToolCall("f", {"x": 1})),
                          Message("observation", "42", tool_name="f"), Message("assistant", "42")])  # fmt: skip
-    enc = build_template("hf", chatml_tokenizer).encode(conv)
+    [enc] = build_template("hf", chatml_tokenizer).encode(conv)
     assert learnt(chatml_tokenizer, enc).endswith("42<|im_end|>")
 
 
 def test_raw_pair_and_truncation(chatml_tokenizer):
     tpl = build_template("raw", chatml_tokenizer, Limits(max_source_len=3, max_target_len=2))
-    enc = tpl.encode(Pair("one two three four", "five six seven"))
+    [enc] = tpl.encode(Pair("one two three four", "five six seven"))
     n_src = len(enc.input_ids) - 3
     assert n_src == 3 and enc.truncated
     assert enc.labels[:n_src] == [IGNORE_INDEX] * n_src
@@ -173,7 +173,7 @@ def test_tools_and_calls_go_into_text_when_the_template_cannot_render_them(chatm
     tools = [{"name": "get_weather", "parameters": {"city": {"type": "string"}}}]
     conv = Conversation([Message("user", "q"), Message("assistant", "", tool_call=ToolCall("get_weather", {"city": "Paris"})),
                          Message("observation", "sunny", tool_name="get_weather"), Message("assistant", "Sunny.")], tools)  # fmt: skip
-    enc = tpl.encode(conv)
+    [enc] = tpl.encode(conv)
     text = chatml_tokenizer.decode(enc.input_ids)
     assert "You have access to the following tools" in text and '"get_weather"' in text
     call = learnt(chatml_tokenizer, enc).split("<|im_end|>")[0]

@@ -35,7 +35,7 @@ def teach_tool_call(base: Path, out: Path, tools: list[dict], rounds: int = 6) -
         Message("assistant", TOOL_ANSWER),
     ]
     # encoded by chattune's own template, exactly as the playground will prompt it
-    batches = [engine.template.encode(Conversation(m, tools)) for m in (called, answered)]
+    batches = [e for m in (called, answered) for e in engine.template.encode(Conversation(m, tools))]
     prompts = [Conversation(asked, tools), Conversation(answered[:-1], tools)]
     model = engine.model
     torch.manual_seed(0)

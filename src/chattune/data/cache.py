@@ -47,6 +47,7 @@ _CONFIG_FIELDS = (
     "max_target_len",
     "format",
     "on_bad_record",
+    "strict_fields",
 )
 
 

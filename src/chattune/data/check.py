@@ -58,11 +58,14 @@ def stats_table(stats: DataStats, title: str) -> Table:
         ("samples kept", f"{stats.kept:,}"),
         ("bad records skipped", f"{stats.skipped_bad:,}"),
         ("dropped (no trained token)", f"{stats.dropped_no_target:,}"),
+        ("split per trained turn", split_summary(stats)),
         ("truncated", f"{stats.truncated:,}"),
         ("tokens", f"{stats.tokens:,}"),
         ("trained tokens", f"{stats.trained_tokens:,} ({pct:.1f}%)"),
         ("length p50/p90/p99/max", " / ".join(str(v) for v in stats.percentiles().values()) or "-"),
         ("formats", ", ".join(f"{k}: {v:,}" for k, v in stats.formats.items()) or "-"),
+        ("unread fields", _counts({k: v["count"] for k, v in stats.unknown_fields.items()})),
+        ("other record fields", _counts(stats.extra_fields)),
         ("from cache", "yes" if stats.cached else "no"),
     ]
     for k, v in rows:
@@ -70,9 +73,30 @@ def stats_table(stats: DataStats, title: str) -> Table:
     return t
 
 
+def _counts(counts: dict[str, int]) -> str:
+    return ", ".join(f"{k} ({v:,})" for k, v in counts.items()) or "-"
+
+
+def split_summary(stats: DataStats) -> str:
+    """How many records became one sample per trained turn, and the tokens that cost."""
+    if not stats.split_records:
+        return "0"
+    pct = 100 * stats.split_extra_tokens / max(stats.tokens - stats.split_extra_tokens, 1)
+    return f"{stats.split_records:,} records (+{stats.split_extra_tokens:,} tokens, +{pct:.1f}%)"
+
+
 def print_stats(console: Console, stats: DataStats, title: str = "Data statistics") -> None:
     """Print the statistics, and the first skipped records' reasons."""
     console.print(stats_table(stats, title))
+    for note in stats.notes:
+        console.print(f"[yellow]warning:[/] {note}", highlight=False)
+    for name, seen in stats.unknown_fields.items():
+        console.print(
+            f"[yellow]warning:[/] field '{name}' is not read by this format and is ignored "
+            f"({seen['count']:,} times; first at {seen['first']}).{seen['hint']} "
+            "Set strict_fields: true to make it an error.",
+            highlight=False,
+        )
     if stats.skipped_bad:
         console.print(f"[yellow]{stats.skipped_bad} bad record(s) skipped; first ones:[/]")
         for reason in stats.bad_examples:

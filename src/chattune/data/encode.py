@@ -30,7 +30,7 @@ if TYPE_CHECKING:  # `datasets` costs about a second to import; `data check` on 
     import datasets
 
 # bump when encoding changes in a way old caches must not be reused for
-ENCODING_REVISION = 2
+ENCODING_REVISION = 3
 # files with more samples than this are encoded by a pool of worker processes (one per core): below it,
 # starting the pool costs more than it saves
 PARALLEL_AFTER = 2048
@@ -51,10 +51,15 @@ class DataStats:
     skipped_bad: int = 0
     dropped_no_target: int = 0
     truncated: int = 0
+    split_records: int = 0  # records encoded as one sample per trained turn (see templates/turns.py)
+    split_extra_tokens: int = 0
     tokens: int = 0
     trained_tokens: int = 0
     formats: dict[str, int] = field(default_factory=dict)
     bad_examples: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # the template's warnings
+    unknown_fields: dict[str, dict[str, Any]] = field(default_factory=dict)  # see ReadReport
+    extra_fields: dict[str, int] = field(default_factory=dict)
     lengths: list[int] = field(default_factory=list, repr=False)
     cached: bool = False
 
@@ -103,12 +108,21 @@ def cache_key(path: Path, template: Template, tokenizer: Any, settings: dict[str
 
 
 def _encode_stream(
-    path: Path, template: Template, fmt: str, on_bad_record: str, stats: DataStats, progress: Any
+    path: Path,
+    template: Template,
+    fmt: str,
+    on_bad_record: str,
+    strict_fields: bool,
+    stats: DataStats,
+    progress: Any,
 ) -> Iterator[EncodedChunk]:
     report = ReadReport()
-    samples = (sample for _, sample in read_samples(path, fmt, on_bad_record, report))
+    records = read_samples(path, fmt, on_bad_record, report, strict_fields=strict_fields)
+    samples = (sample for _, sample in records)
     for chunk in encode_chunks(samples, template):
         stats.truncated += chunk.truncated
+        stats.split_records += chunk.split_records
+        stats.split_extra_tokens += chunk.split_extra_tokens
         kept = chunk.trained > 0  # never hand the trainer a sample with nothing to learn
         if not kept.all():
             stats.dropped_no_target += int((~kept).sum())
@@ -122,6 +136,8 @@ def _encode_stream(
         yield chunk
     stats.read, stats.skipped_bad, stats.bad_examples = report.read, report.skipped, report.examples
     stats.formats = report.formats
+    stats.notes = template.notes()
+    stats.unknown_fields, stats.extra_fields = report.unknown_fields, report.extra_fields
 
 
 @dataclass
@@ -137,10 +153,14 @@ class EncodedChunk:
     lengths: np.ndarray  # per sample
     trained: np.ndarray  # per sample: positions that carry a label
     truncated: int  # samples cut to max_seq_len
+    split_records: int = 0  # records that became one sample per trained turn
+    split_extra_tokens: int = 0  # tokens those splits added over one sample each
 
     @classmethod
-    def of(cls, encoded: list[Encoded]) -> EncodedChunk:
-        """Pack a list of encodings."""
+    def of(cls, records: list[list[Encoded]]) -> EncodedChunk:
+        """Pack the encodings of consecutive records."""
+        encoded = [e for record in records for e in record]
+        splits = [e.split for e in encoded if e.split is not None]
         n = len(encoded)
         lengths = np.fromiter((len(e.input_ids) for e in encoded), np.int32, n)
         total = int(lengths.sum())
@@ -151,6 +171,8 @@ class EncodedChunk:
             lengths,
             np.fromiter((e.n_trained for e in encoded), np.int32, n),
             sum(e.truncated for e in encoded),
+            len(splits),
+            sum(extra for _, extra in splits),
         )
 
     def select(self, keep: np.ndarray) -> EncodedChunk:
@@ -162,6 +184,8 @@ class EncodedChunk:
             self.lengths[keep],
             self.trained[keep],
             self.truncated,
+            self.split_records,
+            self.split_extra_tokens,
         )
 
     def arrow_columns(self) -> list[pa.Array]:
@@ -272,6 +296,7 @@ def encode_file(
     *,
     fmt: str = "auto",
     on_bad_record: str = "error",
+    strict_fields: bool = False,
     cache_dir: Path | None = None,
     progress: Any = None,
     on_entry: Callable[[str], None] | None = None,
@@ -286,14 +311,16 @@ def encode_file(
     path = Path(path)
     stats = DataStats(file=str(path))
     check_file(path, "data file")
-    key = cache_key(path, template, tokenizer, {"format": fmt, "on_bad_record": on_bad_record})
+    settings = {"format": fmt, "on_bad_record": on_bad_record, "strict_fields": strict_fields}
+    key = cache_key(path, template, tokenizer, settings)
     base = cache_dir or Path(tempfile.gettempdir()) / "chattune-data"
     arrow, meta = entry_paths(base, key)
     if arrow.is_file() and meta.is_file():
         stats = load_stats(meta)
     else:
         with _collector_paused():
-            _write_arrow(_encode_stream(path, template, fmt, on_bad_record, stats, progress), arrow)
+            chunks = _encode_stream(path, template, fmt, on_bad_record, strict_fields, stats, progress)
+            _write_arrow(chunks, arrow)
         meta_tmp = meta.with_suffix(".tmp")
         meta_tmp.write_text(json.dumps(asdict(stats) | {"cached": False}))
         os.replace(meta_tmp, meta)

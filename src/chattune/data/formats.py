@@ -12,7 +12,7 @@ from typing import Any
 from chattune.data.readers import iter_records, value_problem
 from chattune.data.schema import Conversation, Message, Pair, Sample, SourceRecord, ToolCall
 from chattune.errors import ConfigError, DataFormatError
-from chattune.registry import Registry
+from chattune.registry import Registry, did_you_mean
 
 Normaliser = Callable[[Any, "Where"], Sample]
 FORMATS: Registry[Normaliser] = Registry("data format", ConfigError)
@@ -25,10 +25,12 @@ _repr.maxstring, _repr.maxother, _repr.maxlevel = 60, 60, 3
 
 @dataclass
 class Where:
-    """Where a record came from; builds errors that name file, line and field."""
+    """Where a record came from; builds errors that name file, line and field, and notes unread fields."""
 
     record: SourceRecord
     require_target: bool = True  # training needs something to learn; inference inputs may end at a question
+    report: ReadReport | None = None
+    strict_fields: bool = False  # a field the format does not read is an error, not a warning
 
     def error(self, reason: str, field: str | None = None) -> DataFormatError:
         """A DataFormatError at this record."""
@@ -45,11 +47,23 @@ class ReadReport:
     examples: list[str] = field(default_factory=list)
     formats: dict[str, int] = field(default_factory=dict)
 
+    # message fields no reader of the format uses: name -> {count, first (file, line, field), hint}
+    unknown_fields: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # record fields beside the data (ids, sources): name -> count
+    extra_fields: dict[str, int] = field(default_factory=dict)
+
     def skip(self, error: DataFormatError) -> None:
         """Count a skipped record, keeping the first few reasons for the user."""
         self.skipped += 1
         if len(self.examples) < _MAX_EXAMPLES:
             self.examples.append(error.describe())
+
+    def unknown(self, name: str, where: Where, path: str, hint: str) -> None:
+        """Count a field that will not be read, remembering where it first appeared."""
+        seen = self.unknown_fields.setdefault(name, {"count": 0, "hint": hint})
+        if not seen["count"]:
+            seen["first"] = where.error("", f"{path}{name}").describe().rstrip(": ")
+        seen["count"] += 1
 
 
 # ---------------------------------------------------------------- helpers shared by normalisers
@@ -73,6 +87,26 @@ def _str(obj: dict[str, Any], key: str, where: Where, path: str, *, required: bo
     if not isinstance(obj[key], str):
         raise where.error(f"expected a string, got {type(obj[key]).__name__}", f"{path}{key}")
     return obj[key]
+
+
+def _read_fields(obj: dict[str, Any], known: frozenset[str], where: Where, path: str = "") -> None:
+    """Account for the fields of `obj` that no reader uses, so nothing is lost without a word.
+
+    A message field (or a record field one edit away from a known one, like `tool` for `tools`) is
+    reported as a warning with the file, the first line and a did-you-mean (`strict_fields: true`: an
+    error); other record fields (ids, sources) are only listed in the statistics.
+    """
+    for name in obj.keys() - known:
+        hint = did_you_mean(name, sorted(known))
+        if path or hint:
+            if where.strict_fields:
+                raise where.error(
+                    f"the format does not read this field (strict_fields: true).{hint}", path + name
+                )
+            if where.report is not None:
+                where.report.unknown(name, where, path, hint)
+        elif where.report is not None:
+            where.report.extra_fields[name] = where.report.extra_fields.get(name, 0) + 1
 
 
 def _loss(obj: dict[str, Any], where: Where, path: str) -> bool | None:
@@ -149,10 +183,25 @@ def validate_conversation(conv: Conversation, where: Where, path: str = "convers
 # ---------------------------------------------------------------- the formats
 
 
+# the fields each format reads (anything else is reported, see _read_fields)
+_CONVERSATIONS_RECORD = frozenset({"conversations", "tools"})
+_CONVERSATIONS_MESSAGE = frozenset(
+    {"role", "content", "loss", "metadata", "name", "parameters", "observation"}
+)
+_PROMPT_RESPONSE = frozenset({"prompt", "response"})
+_CONTEXT_TARGET = frozenset({"context", "target"})
+_ALPACA = frozenset({"instruction", "input", "output", "system", "history"})
+_SHAREGPT_RECORD = frozenset({"conversations", "system", "tools"})
+_SHAREGPT_TURN = frozenset({"from", "value"})
+_OPENAI_RECORD = frozenset({"messages", "tools"})
+_OPENAI_MESSAGE = frozenset({"role", "content", "loss", "name", "tool_calls", "tool_call_id"})
+
+
 @FORMATS.register("conversations")
 def _conversations(value: Any, where: Where) -> Conversation:
     """ChatGLM3's format: `conversations` of system/user/assistant/tool/observation, optional `tools`."""
     rec = _obj(value, where)
+    _read_fields(rec, _CONVERSATIONS_RECORD, where)
     msgs = rec.get("conversations")
     if not isinstance(msgs, list):
         raise where.error("expected a list of messages", "conversations")
@@ -160,6 +209,7 @@ def _conversations(value: Any, where: Where) -> Conversation:
     for i, m in enumerate(msgs):
         p = f"conversations[{i}]."
         m = _obj(m, where, p.rstrip("."))
+        _read_fields(m, _CONVERSATIONS_MESSAGE, where, p)
         role = _str(m, "role", where, p)
         loss = _loss(m, where, p)
         if role == "tool":
@@ -183,6 +233,7 @@ def _conversations(value: Any, where: Where) -> Conversation:
 def _prompt_response(value: Any, where: Where) -> Pair:
     """Input-output data: `prompt` → `response`."""
     rec = _obj(value, where)
+    _read_fields(rec, _PROMPT_RESPONSE, where)
     return Pair(
         _str(rec, "prompt", where, ""), _str(rec, "response", where, "", required=where.require_target) or ""
     )
@@ -192,6 +243,7 @@ def _prompt_response(value: Any, where: Where) -> Pair:
 def _context_target(value: Any, where: Where) -> Pair:
     """The ChatGLM-6B LoRA tutorial's data: `context` → `target`."""
     rec = _obj(value, where)
+    _read_fields(rec, _CONTEXT_TARGET, where)
     return Pair(
         _str(rec, "context", where, ""), _str(rec, "target", where, "", required=where.require_target) or ""
     )
@@ -201,6 +253,7 @@ def _context_target(value: Any, where: Where) -> Pair:
 def _alpaca(value: Any, where: Where) -> Conversation:
     """Alpaca: instruction (+ input) → output, optional system and history of [query, answer] pairs."""
     rec = _obj(value, where)
+    _read_fields(rec, _ALPACA, where)
     msgs: list[Message] = []
     if system := _str(rec, "system", where, "", required=False):
         msgs.append(Message("system", system))
@@ -229,6 +282,7 @@ _SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assista
 def _sharegpt(value: Any, where: Where) -> Conversation:
     """ShareGPT: `conversations` of {from, value}, incl. function_call / observation turns; `system`, `tools`."""
     rec = _obj(value, where)
+    _read_fields(rec, _SHAREGPT_RECORD, where)
     turns = rec.get("conversations")
     if not isinstance(turns, list):
         raise where.error("expected a list of turns", "conversations")
@@ -238,6 +292,7 @@ def _sharegpt(value: Any, where: Where) -> Conversation:
     for i, t in enumerate(turns):
         p = f"conversations[{i}]."
         t = _obj(t, where, p.rstrip("."))
+        _read_fields(t, _SHAREGPT_TURN, where, p)
         who = _str(t, "from", where, p)
         role = _SHAREGPT_ROLES.get(who)
         if role is None:
@@ -260,6 +315,7 @@ def _sharegpt(value: Any, where: Where) -> Conversation:
 def _openai(value: Any, where: Where) -> Conversation:
     """OpenAI chat: `messages` with system/user/assistant (incl. `tool_calls`) and `tool` roles; `tools`."""
     rec = _obj(value, where)
+    _read_fields(rec, _OPENAI_RECORD, where)
     raw = rec.get("messages")
     if not isinstance(raw, list):
         raise where.error("expected a list of messages", "messages")
@@ -268,6 +324,7 @@ def _openai(value: Any, where: Where) -> Conversation:
     for i, m in enumerate(raw):
         p = f"messages[{i}]."
         m = _obj(m, where, p.rstrip("."))
+        _read_fields(m, _OPENAI_MESSAGE, where, p)
         role = _str(m, "role", where, p)
         loss = _loss(m, where, p)
         if role == "tool":
@@ -336,10 +393,12 @@ def read_samples(
     on_bad_record: str = "error",
     report: ReadReport | None = None,
     allow_untrained: bool = False,
+    strict_fields: bool = False,
 ) -> Iterator[tuple[SourceRecord, Sample]]:
     """Stream canonical samples from a file; bad records raise or, with `on_bad_record: skip`, are counted.
 
     `allow_untrained` accepts records with nothing to learn (inference inputs that end at a question).
+    Fields the format does not read are counted in `report` (`strict_fields`: a bad record instead).
     """
     if on_bad_record not in ("error", "skip"):
         raise ConfigError(f"on_bad_record must be 'error' or 'skip', not {on_bad_record!r}")
@@ -351,7 +410,7 @@ def read_samples(
         try:
             if isinstance(item, DataFormatError):
                 raise item
-            where = Where(item, require_target=not allow_untrained)
+            where = Where(item, not allow_untrained, report, strict_fields)
             if normalise is None:  # auto: the first readable record decides for the whole file
                 fmt = detect_format(item.value, where)
                 normalise = FORMATS.get(fmt)

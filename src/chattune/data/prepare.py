@@ -63,6 +63,7 @@ def encode_split(
             tokenizer,
             fmt=cfg.format,
             on_bad_record=cfg.on_bad_record,
+            strict_fields=cfg.strict_fields,
             cache_dir=cache_dir,
             progress=tick,
             on_entry=on_entry,

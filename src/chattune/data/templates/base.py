@@ -43,6 +43,8 @@ class Encoded:
     input_ids: list[int]
     labels: list[int]
     truncated: bool = False
+    # on the first sample of a record that became several (one per trained turn): (samples, extra tokens)
+    split: tuple[int, int] | None = None
 
     @property
     def n_trained(self) -> int:
@@ -55,8 +57,9 @@ class Template(Protocol):
 
     name: str
 
-    def encode(self, sample: Sample) -> Encoded:
-        """Training ids and labels for a sample."""
+    def encode(self, sample: Sample) -> list[Encoded]:
+        """Training ids and labels for a record: one sample, or one per trained turn where the template
+        cannot hold every reply after its inference prompt in one rendering."""
         ...
 
     def encode_prompt(self, sample: Sample) -> list[int]:
@@ -65,6 +68,10 @@ class Template(Protocol):
 
     def stop_token_ids(self) -> list[int]:
         """Token ids that end a generated reply."""
+        ...
+
+    def notes(self) -> list[str]:
+        """Warnings about how this template trains (e.g. an end-of-turn it had to supply), for the user."""
         ...
 
     def parse_reply(self, text: str) -> ParsedReply:

@@ -77,16 +77,16 @@ class ChatGLM3Template:
             mask += [m.trained] * len(piece)
         return ids, mask
 
-    def encode(self, sample: Sample) -> Encoded:
-        """Training ids and labels, identical to the official ChatGLM3 finetune demo."""
+    def encode(self, sample: Sample) -> list[Encoded]:
+        """Training ids and labels, identical to the official ChatGLM3 finetune demo (always one sample)."""
         if isinstance(sample, Pair):
-            return self._encode_pair(sample)
+            return [self._encode_pair(sample)]
         ids, mask = self._conversation_ids(sample)
         ids.append(self.tok.eos_token_id)
         # shift: the label at position i is learnt when position i-1 belongs to a trained message
         labels = [t if m else IGNORE_INDEX for t, m in zip(ids, [False, *mask], strict=True)]
         n = self.limits.max_seq_len
-        return Encoded(ids[:n], labels[:n], truncated=len(ids) > n)
+        return [Encoded(ids[:n], labels[:n], truncated=len(ids) > n)]
 
     def _encode_pair(self, sample: Pair) -> Encoded:
         src, tgt, truncated = split_pair_budget(sample, self._plain, self.limits, len(self.prefix))
@@ -100,6 +100,10 @@ class ChatGLM3Template:
 
     def _plain(self, text: str) -> list[int]:
         return self.tok.encode(text, add_special_tokens=False)
+
+    def notes(self) -> list[str]:
+        """Nothing to warn about: replies always end with eos."""
+        return []
 
     def encode_prompt(self, sample: Sample) -> list[int]:
         """Generation input: the prompt after `[gMASK] sop`, or the conversation then `<|assistant|>`."""

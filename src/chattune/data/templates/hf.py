@@ -12,6 +12,7 @@ from chattune.data.schema import Conversation, Message, Sample, ToolCall
 from chattune.data.templates.base import IGNORE_INDEX, TEMPLATES, Encoded, Limits, ParsedReply
 from chattune.data.templates.chatglm3 import tools_system_prompt
 from chattune.data.templates.raw import RawTemplate
+from chattune.data.templates.turns import Turn, cut_at_turn_end, group_turns, reply_after
 from chattune.errors import ConfigError
 
 TOOL_CALL_OPEN, TOOL_CALL_CLOSE = "<tool_call>", "</tool_call>"
@@ -103,7 +104,7 @@ class HFChatTemplate:
         self.raw = RawTemplate(tokenizer, limits)
         self.native_tools, self.native_calls = self._probe_tool_support()
         self._stop_ids: list[int] | None = None
-        self._special: tuple[str, ...] | None = None
+        self._ends: tuple[tuple[str, ...], tuple[str, ...], str | None] | None = None
         self._jinja = _DirectRenderer.if_equivalent(tokenizer, self.native_tools, self.native_calls)
 
     def _probe_tool_support(self) -> tuple[bool, bool]:
@@ -138,40 +139,85 @@ class HFChatTemplate:
             messages, tools=tools, tokenize=False, add_generation_prompt=generation
         )
 
-    def trained_spans(self, conv: Conversation) -> tuple[str, list[tuple[int, int]]]:
-        """The full text and the character spans that are learnt."""
+    def turns(self, conv: Conversation) -> tuple[str, list[Turn]]:
+        """The whole rendering and each trained reply with the prompt inference renders before it."""
         msgs = self.hf_messages(conv)
         text = self._render(conv, msgs, False)
-        spans = []
+        turns = []
         offset = len(msgs) - len(conv.messages)  # 1 when a tools system message was put in front
+        ends, specials, eos = self._turn_ends()
         for i, m in enumerate(conv.messages):
             if not m.trained:
                 continue
             j = i + offset
-            before = self._render(conv, msgs[:j], True) if j else ""
-            # rendering is most of the encoding time: the last message's prefix is the whole text
-            upto = text if j + 1 == len(msgs) else self._render(conv, msgs[: j + 1], False)
-            if not (upto.startswith(before) and text.startswith(upto)):
-                raise ConfigError(
-                    f"the chat template of {self.tok.name_or_path} renders a conversation differently from its "
-                    "prefixes, so reply masks cannot be derived safely; use a template that renders prefixes "
-                    "stably, or template: chatglm3/raw"
-                )
-            end = len(upto.rstrip()) if self._ends_turn(upto) else len(upto)
-            spans.append((len(before), end))
-        return text, spans
+            prompt = self._render(conv, msgs[:j], True) if j else ""
+            # rendering is most of the encoding time: the last message's rendering is the whole text
+            full = text if j + 1 == len(msgs) else self._render(conv, msgs[: j + 1], False)
+            history = self._render(conv, msgs[:j], False) if j and not full.startswith(prompt) else ""
+            reply = reply_after(prompt, full, history, self.tok.name_or_path)
+            turns.append(Turn(prompt, cut_at_turn_end(reply, ends, specials, eos)))
+        return text, turns
 
-    def _ends_turn(self, text: str) -> bool:
-        # trailing whitespace after an end-of-turn token is layout, not something to learn
-        if self._special is None:  # the tokenizer rebuilds this list on every access
-            self._special = tuple(t for t in self.tok.all_special_tokens if t)
-        return text.rstrip().endswith(self._special)
+    def _turn_ends(self) -> tuple[tuple[str, ...], tuple[str, ...], str | None]:
+        """(end-of-turn sequences, special token strings, eos), found once by rendering probe replies."""
+        if self._ends is None:
+            self._ends = self._probe_turn_ends()
+        return self._ends
 
-    def encode(self, sample: Sample) -> Encoded:
-        """Ids and labels; every token that starts inside a learnt span is a target."""
+    def _probe_turn_ends(self) -> tuple[tuple[str, ...], tuple[str, ...], str | None]:
+        # special tokens as the tokenizer marks them (added tokens flagged special, and the named ones)
+        added = getattr(self.tok, "added_tokens_decoder", {}) or {}
+        specials = {t.content for t in added.values() if getattr(t, "special", False)}
+        specials |= {t for t in self.tok.all_special_tokens if t}
+        specials_by_length = tuple(sorted(specials, key=len, reverse=True))
+        eos = self.tok.eos_token
+        ends: list[str] = []
+        for conv, marker in self._probes():
+            msgs = self.hf_messages(conv)
+            try:
+                prompt, history = (self._render(conv, msgs[:-1], gen) for gen in (True, False))
+                reply = reply_after(prompt, self._render(conv, msgs, False), history, self.tok.name_or_path)
+            except Exception:  # a template that rejects the probe: the real conversations will say why
+                continue
+            after = reply[reply.rfind(marker) + len(marker) :] if marker in reply else ""
+            end = _first_special_run(after, specials_by_length)
+            if end and end not in ends:
+                ends.append(end)
+        return tuple(ends), specials_by_length, eos
+
+    def notes(self) -> list[str]:
+        """What a user should know about how this chat template is trained (printed by data check and train)."""
+        ends, _, eos = self._turn_ends()
+        if ends:
+            return []
+        return [
+            f"the chat template of {self.tok.name_or_path or 'this tokenizer'} ends replies without a special "
+            f"token: eos ({eos}) is appended to every trained reply so the model learns to stop"
+        ]
+
+    def _probes(self) -> list[tuple[Conversation, str]]:
+        """A plain reply and (where the template renders calls) a tool call, each with a text to find in it."""
+        plain = Conversation([Message("user", "Hi"), Message("assistant", "zzprobe reply")])
+        probes = [(plain, "zzprobe reply")]
+        if self.native_calls:
+            call = Message("assistant", "", tool_call=ToolCall("lookup", {"q": "zzprobe"}))
+            probes.append((Conversation([Message("user", "Hi"), call]), "zzprobe"))
+        return probes
+
+    def encode(self, sample: Sample) -> list[Encoded]:
+        """Ids and labels: one sample holding every trained reply, or one per reply where the template
+        re-renders earlier turns (see turns.py); every token that starts inside a reply is a target."""
         if not isinstance(sample, Conversation):
             return self.raw.encode(sample)
-        text, spans = self.trained_spans(sample)
+        text, turns = self.turns(sample)
+        groups = group_turns(text, turns)
+        encoded = [self._encode_text(t, [(len(x.prompt), len(x.text)) for x in g]) for t, g in groups]
+        if len(encoded) > 1:  # what the split costs: tokens beyond the one rendering's
+            whole = len(encoded[-1].input_ids) if groups[-1][0] is text else len(self._tokenize(text, [])[0])
+            encoded[0].split = (len(encoded), sum(len(e.input_ids) for e in encoded) - whole)
+        return encoded
+
+    def _encode_text(self, text: str, spans: list[tuple[int, int]]) -> Encoded:
         ids, offsets = self._tokenize(text, spans)
         labels = [IGNORE_INDEX] * len(ids)
         for a, b in spans:
@@ -205,18 +251,29 @@ class HFChatTemplate:
         return self.tok(text, add_special_tokens=False)["input_ids"]
 
     def stop_token_ids(self) -> list[int]:
-        """eos plus the end-of-turn token this template closes a reply with (found by encoding a probe)."""
-        if self._stop_ids is None:  # asked for on every generate call; the probe renders three times
-            self._stop_ids = self._probe_stop_ids()
+        """eos plus the last token of each end-of-turn sequence the template closes replies with."""
+        if self._stop_ids is None:  # asked for on every generate call; the probes render several times
+            ends, _, _ = self._turn_ends()
+            ids = {self.tok.eos_token_id}
+            for end in ends:  # a run like <|END_RESPONSE|><|END_OF_TURN_TOKEN|> is learnt whole
+                ids.add(self.tok(end, add_special_tokens=False)["input_ids"][-1])
+            self._stop_ids = sorted(i for i in ids if i is not None)
         return list(self._stop_ids)
 
-    def _probe_stop_ids(self) -> list[int]:
-        probe = Conversation([Message("user", "Hi"), Message("assistant", "Hello")])
-        learnt = [t for t in self.encode(probe).labels if t != IGNORE_INDEX]
-        ids = {self.tok.eos_token_id}
-        if learnt and learnt[-1] in self.tok.all_special_ids:
-            ids.add(learnt[-1])
-        return sorted(i for i in ids if i is not None)
+
+def _first_special_run(text: str, specials: tuple[str, ...]) -> str:
+    """The first run of consecutive special tokens in `text` (longest names first), '' when it has none.
+
+    After a probe reply's content this is the template's end of turn: `<|im_end|>`, `<|eot_id|>`,
+    `<|END_RESPONSE|><|END_OF_TURN_TOKEN|>`, gpt-oss's `<|call|>` after a tool call.
+    """
+    found = [i for t in specials if (i := text.find(t)) >= 0]
+    if not found:
+        return ""
+    start = run = min(found)
+    while token := next((t for t in specials if text.startswith(t, run)), None):
+        run += len(token)
+    return text[start:run]
 
 
 # attributes whose sandbox check always passes: jinja's own loop variables, and str methods that only read

@@ -39,13 +39,17 @@ class RawTemplate:
     def _plain(self, text: str) -> list[int]:
         return self.tok.encode(text, add_special_tokens=False)
 
-    def encode(self, sample: Sample) -> Encoded:
-        """Ids and labels for an input-output pair."""
+    def encode(self, sample: Sample) -> list[Encoded]:
+        """Ids and labels for an input-output pair (one sample)."""
         pair = self._pair(sample)
         src, tgt, truncated = split_pair_budget(pair, self._plain, self.limits, len(self.prefix))
         prompt = self.prefix + src
         target = [*tgt, self.tok.eos_token_id]
-        return Encoded(prompt + target, [IGNORE_INDEX] * len(prompt) + target, truncated)
+        return [Encoded(prompt + target, [IGNORE_INDEX] * len(prompt) + target, truncated)]
+
+    def notes(self) -> list[str]:
+        """Nothing to warn about: replies always end with eos."""
+        return []
 
     def encode_prompt(self, sample: Sample) -> list[int]:
         """The prompt ids the model continues from."""
