@@ -41,6 +41,9 @@ class TrainConfig(BaseModel):
     on_bad_record: Literal["error", "skip"] = Field(
         "error", description="stop at a bad record, or skip and count"
     )
+    train_reasoning: bool = Field(
+        True, description="learn assistant turns' reasoning traces; false: only the answers are learnt"
+    )
     strict_fields: bool = Field(
         False, description="a message field the format does not read is an error (default: a warning)"
     )

@@ -48,6 +48,7 @@ _CONFIG_FIELDS = (
     "format",
     "on_bad_record",
     "strict_fields",
+    "train_reasoning",
 )
 
 

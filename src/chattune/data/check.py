@@ -13,20 +13,36 @@ from chattune.data.encode import DataStats
 from chattune.data.templates import IGNORE_INDEX
 
 
-def sanity_lines(tokenizer: Any, input_ids: Sequence[int], labels: Sequence[int]) -> list[tuple[str, bool]]:
-    """One line per token, ChatGLM3-style `'%20s: %6d -> %6d'`, and whether the token is learnt."""
+def sanity_lines(
+    tokenizer: Any, input_ids: Sequence[int], labels: Sequence[int], reasoning: Sequence[int] = ()
+) -> list[tuple[str, bool]]:
+    """One line per token, ChatGLM3-style `'%20s: %6d -> %6d'`, and whether the token is learnt.
+
+    Tokens of a reasoning trace (`reasoning`: token ranges [lo, hi, ...]) are marked `reasoning` at the end.
+    """
     pieces = tokenizer.convert_ids_to_tokens(list(input_ids))
+    thought = {i for lo, hi in zip(reasoning[::2], reasoning[1::2], strict=True) for i in range(lo, hi)}
     return [
-        ("%20s: %6d -> %6d" % (repr(piece), tid, label), label != IGNORE_INDEX)  # noqa: UP031  (the demo's format)
-        for piece, tid, label in zip(pieces, input_ids, labels, strict=True)
+        (
+            "%20s: %6d -> %6d" % (repr(piece), tid, label) + ("  reasoning" if i in thought else ""),  # noqa: UP031  (the demo's format)
+            label != IGNORE_INDEX,
+        )
+        for i, (piece, tid, label) in enumerate(zip(pieces, input_ids, labels, strict=True))
     ]
 
 
-def print_sanity(console: Console, tokenizer: Any, input_ids: Sequence[int], labels: Sequence[int]) -> None:
-    """Print the table; learnt tokens are highlighted when the output is a terminal."""
+def print_sanity(
+    console: Console,
+    tokenizer: Any,
+    input_ids: Sequence[int],
+    labels: Sequence[int],
+    reasoning: Sequence[int] = (),
+) -> None:
+    """Print the table; learnt tokens are highlighted when the output is a terminal, reasoning ones dimmed."""
     console.print("Sanity Check >>>>>>>>>>>>>", markup=False, highlight=False)
-    for line, trained in sanity_lines(tokenizer, input_ids, labels):
-        console.print(line, style="bold green" if trained else None, markup=False, highlight=False)
+    for line, trained in sanity_lines(tokenizer, input_ids, labels, reasoning):
+        style = ("green" if line.endswith("reasoning") else "bold green") if trained else None
+        console.print(line, style=style, markup=False, highlight=False)
     console.print("<<<<<<<<<<<<< Sanity Check", markup=False, highlight=False)
 
 
@@ -36,7 +52,7 @@ def print_check(
     """`data check`'s report: the template and tokenizer, each row's sanity table, then the statistics."""
     console.print(f"template: {template_name}   tokenizer: {tokenizer_name}", highlight=False)
     for row in rows:
-        print_sanity(console, tokenizer, row["input_ids"], row["labels"])
+        print_sanity(console, tokenizer, row["input_ids"], row["labels"], row.get("reasoning") or ())
     print_stats(console, stats)
 
 
@@ -62,6 +78,10 @@ def stats_table(stats: DataStats, title: str) -> Table:
         ("truncated", f"{stats.truncated:,}"),
         ("tokens", f"{stats.tokens:,}"),
         ("trained tokens", f"{stats.trained_tokens:,} ({pct:.1f}%)"),
+        (
+            "reasoning tokens",
+            f"{stats.reasoning_tokens:,}" + ("" if stats.reasoning_trained else " (not trained)"),
+        ),
         ("length p50/p90/p99/max", " / ".join(str(v) for v in stats.percentiles().values()) or "-"),
         ("formats", ", ".join(f"{k}: {v:,}" for k, v in stats.formats.items()) or "-"),
         ("unread fields", _counts({k: v["count"] for k, v in stats.unknown_fields.items()})),

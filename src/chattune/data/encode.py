@@ -22,22 +22,29 @@ import pyarrow as pa
 from chattune import __version__
 from chattune.data.formats import ReadReport, read_samples
 from chattune.data.readers import check_file
-from chattune.data.schema import Sample
+from chattune.data.schema import Conversation, Sample, SourceRecord
 from chattune.data.templates import Encoded, Template
+from chattune.errors import DataFormatError
 from chattune.system import available_cores
 
 if TYPE_CHECKING:  # `datasets` costs about a second to import; `data check` on a cached file never needs it
     import datasets
 
 # bump when encoding changes in a way old caches must not be reused for
-ENCODING_REVISION = 3
+ENCODING_REVISION = 4
 # files with more samples than this are encoded by a pool of worker processes (one per core): below it,
 # starting the pool costs more than it saves
 PARALLEL_AFTER = 2048
 _CHUNK = 256
-# `length` lets the length-grouped sampler batch similar lengths without reading every row
+# `length` lets the length-grouped sampler batch similar lengths without reading every row; `reasoning`
+# holds the token ranges of reasoning traces ([lo, hi, ...]) for data check's sanity print
 _SCHEMA = pa.schema(
-    [("input_ids", pa.list_(pa.int32())), ("labels", pa.list_(pa.int32())), ("length", pa.int32())]
+    [
+        ("input_ids", pa.list_(pa.int32())),
+        ("labels", pa.list_(pa.int32())),
+        ("length", pa.int32()),
+        ("reasoning", pa.list_(pa.int32())),
+    ]
 )
 
 
@@ -53,6 +60,8 @@ class DataStats:
     truncated: int = 0
     split_records: int = 0  # records encoded as one sample per trained turn (see templates/turns.py)
     split_extra_tokens: int = 0
+    reasoning_tokens: int = 0  # tokens of assistant reasoning traces
+    reasoning_trained: bool = True  # false with train_reasoning: false (the traces are context only)
     tokens: int = 0
     trained_tokens: int = 0
     formats: dict[str, int] = field(default_factory=dict)
@@ -100,6 +109,7 @@ def cache_key(path: Path, template: Template, tokenizer: Any, settings: dict[str
         "identity": file_identity(path.stat()),
         "template": template.name,
         "limits": asdict(template.limits),
+        "train_reasoning": template.train_reasoning,
         "tokenizer": tokenizer_fingerprint(tokenizer),
         "settings": settings,
         "version": [__version__, ENCODING_REVISION],
@@ -118,7 +128,7 @@ def _encode_stream(
 ) -> Iterator[EncodedChunk]:
     report = ReadReport()
     records = read_samples(path, fmt, on_bad_record, report, strict_fields=strict_fields)
-    samples = (sample for _, sample in records)
+    samples = (_with_place_for_reasoning(record, sample, template) for record, sample in records)
     for chunk in encode_chunks(samples, template):
         stats.truncated += chunk.truncated
         stats.split_records += chunk.split_records
@@ -128,6 +138,7 @@ def _encode_stream(
             stats.dropped_no_target += int((~kept).sum())
             chunk = chunk.select(kept)
         stats.kept += len(chunk.lengths)
+        stats.reasoning_tokens += int((chunk.reasoning[1::2] - chunk.reasoning[::2]).sum())
         stats.tokens += int(chunk.lengths.sum())
         stats.trained_tokens += int(chunk.trained.sum())
         stats.lengths.extend(chunk.lengths.tolist())
@@ -137,7 +148,23 @@ def _encode_stream(
     stats.read, stats.skipped_bad, stats.bad_examples = report.read, report.skipped, report.examples
     stats.formats = report.formats
     stats.notes = template.notes()
+    stats.reasoning_trained = template.train_reasoning
     stats.unknown_fields, stats.extra_fields = report.unknown_fields, report.extra_fields
+
+
+def _with_place_for_reasoning(record: SourceRecord, sample: Sample, template: Template) -> Sample:
+    """`sample`, unless it carries reasoning the template has no place for: then an error naming the record."""
+    reasoned = isinstance(sample, Conversation) and any(m.reasoning for m in sample.messages)
+    if reasoned and not template.supports_reasoning():
+        raise DataFormatError(
+            f"an assistant turn carries reasoning, but template {template.name!r} has no place for it "
+            "and it would be lost; use a chat template that writes reasoning (template: hf with a "
+            "reasoning model's tokenizer, e.g. Qwen3 or DeepSeek-R1), or remove the reasoning fields",
+            file=record.file,
+            line=record.line,
+            field="reasoning",
+        )
+    return sample
 
 
 @dataclass
@@ -155,6 +182,8 @@ class EncodedChunk:
     truncated: int  # samples cut to max_seq_len
     split_records: int = 0  # records that became one sample per trained turn
     split_extra_tokens: int = 0  # tokens those splits added over one sample each
+    reasoning: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int32))  # every sample's ranges
+    reasoning_counts: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int32))  # per sample
 
     @classmethod
     def of(cls, records: list[list[Encoded]]) -> EncodedChunk:
@@ -173,6 +202,8 @@ class EncodedChunk:
             sum(e.truncated for e in encoded),
             len(splits),
             sum(extra for _, extra in splits),
+            np.fromiter(flat(e.reasoning for e in encoded), np.int32),
+            np.fromiter((len(e.reasoning) for e in encoded), np.int32, n),
         )
 
     def select(self, keep: np.ndarray) -> EncodedChunk:
@@ -186,15 +217,19 @@ class EncodedChunk:
             self.truncated,
             self.split_records,
             self.split_extra_tokens,
+            self.reasoning[np.repeat(keep, self.reasoning_counts)],
+            self.reasoning_counts[keep],
         )
 
     def arrow_columns(self) -> list[pa.Array]:
         """input_ids, labels and length as Arrow columns, without a per-token Python loop."""
         offsets = pa.array(np.concatenate(([0], np.cumsum(self.lengths, dtype=np.int32))), pa.int32())
+        thoughts = np.concatenate(([0], np.cumsum(self.reasoning_counts, dtype=np.int32)))
         return [
             pa.ListArray.from_arrays(offsets, pa.array(self.ids, pa.int32())),
             pa.ListArray.from_arrays(offsets, pa.array(self.labels, pa.int32())),
             pa.array(self.lengths, pa.int32()),
+            pa.ListArray.from_arrays(pa.array(thoughts, pa.int32()), pa.array(self.reasoning, pa.int32())),
         ]
 
 

@@ -109,6 +109,19 @@ def _read_fields(obj: dict[str, Any], known: frozenset[str], where: Where, path:
             where.report.extra_fields[name] = where.report.extra_fields.get(name, 0) + 1
 
 
+def _reasoning(obj: dict[str, Any], where: Where, path: str, assistant: bool) -> str:
+    """The reasoning trace under any of its names (one of them, or several that agree); assistants only."""
+    given = [name for name in REASONING_FIELDS if obj.get(name) not in (None, "")]
+    if not given:
+        return ""
+    if not assistant:
+        raise where.error("only an assistant turn carries reasoning", path + given[0])
+    values = {name: _str(obj, name, where, path) for name in given}
+    if len(set(values.values())) > 1:
+        raise where.error(f"{' and '.join(given)} differ; keep one reasoning field", path + given[1])
+    return values[given[0]] or ""
+
+
 def _loss(obj: dict[str, Any], where: Where, path: str) -> bool | None:
     loss = obj.get("loss")
     if loss is not None and not isinstance(loss, bool):
@@ -183,18 +196,22 @@ def validate_conversation(conv: Conversation, where: Where, path: str = "convers
 # ---------------------------------------------------------------- the formats
 
 
+# the names users' files give an assistant turn's reasoning trace (ours first)
+REASONING_FIELDS = ("reasoning", "reasoning_content", "thinking")
 # the fields each format reads (anything else is reported, see _read_fields)
 _CONVERSATIONS_RECORD = frozenset({"conversations", "tools"})
 _CONVERSATIONS_MESSAGE = frozenset(
-    {"role", "content", "loss", "metadata", "name", "parameters", "observation"}
+    {"role", "content", "loss", "metadata", "name", "parameters", "observation", *REASONING_FIELDS}
 )
 _PROMPT_RESPONSE = frozenset({"prompt", "response"})
 _CONTEXT_TARGET = frozenset({"context", "target"})
 _ALPACA = frozenset({"instruction", "input", "output", "system", "history"})
 _SHAREGPT_RECORD = frozenset({"conversations", "system", "tools"})
-_SHAREGPT_TURN = frozenset({"from", "value"})
+_SHAREGPT_TURN = frozenset({"from", "value", *REASONING_FIELDS})
 _OPENAI_RECORD = frozenset({"messages", "tools"})
-_OPENAI_MESSAGE = frozenset({"role", "content", "loss", "name", "tool_calls", "tool_call_id"})
+_OPENAI_MESSAGE = frozenset(
+    {"role", "content", "loss", "name", "tool_calls", "tool_call_id", *REASONING_FIELDS}
+)
 
 
 @FORMATS.register("conversations")
@@ -212,15 +229,18 @@ def _conversations(value: Any, where: Where) -> Conversation:
         _read_fields(m, _CONVERSATIONS_MESSAGE, where, p)
         role = _str(m, "role", where, p)
         loss = _loss(m, where, p)
+        reasoning = _reasoning(m, where, p, role in ("assistant", "tool"))
         if role == "tool":
             name = _str(m, "name", where, p)
             args = _arguments(m.get("parameters"), where, f"{p}parameters")
-            out.append(Message("assistant", "", loss, metadata=name, tool_call=ToolCall(name, args)))
+            call = ToolCall(name, args)
+            out.append(Message("assistant", "", loss, metadata=name, tool_call=call, reasoning=reasoning))
             if "observation" in m:
                 out.append(Message("observation", observation_text(m["observation"]), tool_name=name))
         elif role in ("system", "user", "assistant", "observation"):
             metadata = _str(m, "metadata", where, p, required=False) or ""
-            out.append(Message(role, _str(m, "content", where, p), loss, metadata=metadata))
+            content = _str(m, "content", where, p) or ""
+            out.append(Message(role, content, loss, metadata=metadata, reasoning=reasoning))
         else:
             raise where.error(
                 f"unknown role {_short(role)} (expected system, user, assistant, tool or observation)",
@@ -299,15 +319,17 @@ def _sharegpt(value: Any, where: Where) -> Conversation:
             known = ", ".join(_SHAREGPT_ROLES)
             raise where.error(f"unknown speaker {_short(who)} (expected one of {known})", f"{p}from")
         text = _str(t, "value", where, p)
+        reasoning = _reasoning(t, where, p, role in ("assistant", "function_call"))
         if role == "function_call":
             call = _arguments(text, where, f"{p}value")
             name = call.get("name")
             if not isinstance(name, str):
                 raise where.error("a function_call needs a string 'name'", f"{p}value")
             args = _arguments(call.get("arguments"), where, f"{p}value.arguments")
-            msgs.append(Message("assistant", "", metadata=name, tool_call=ToolCall(name, args)))
+            call = ToolCall(name, args)
+            msgs.append(Message("assistant", "", metadata=name, tool_call=call, reasoning=reasoning))
         else:
-            msgs.append(Message(role, text))
+            msgs.append(Message(role, text or "", reasoning=reasoning))
     return validate_conversation(Conversation(msgs, _tools(rec, "tools", where)), where)
 
 
@@ -327,6 +349,7 @@ def _openai(value: Any, where: Where) -> Conversation:
         _read_fields(m, _OPENAI_MESSAGE, where, p)
         role = _str(m, "role", where, p)
         loss = _loss(m, where, p)
+        reasoning = _reasoning(m, where, p, role == "assistant")
         if role == "tool":
             call_id = _str(m, "tool_call_id", where, p, required=False)
             name = _str(m, "name", where, p, required=False) or call_names.get(call_id or "")
@@ -335,7 +358,8 @@ def _openai(value: Any, where: Where) -> Conversation:
             msgs.append(Message("observation", observation_text(m["content"]), tool_name=name))
         elif role == "assistant" and m.get("tool_calls"):
             if content := _str(m, "content", where, p, required=False):
-                msgs.append(Message("assistant", content, loss))
+                msgs.append(Message("assistant", content, loss, reasoning=reasoning))
+                reasoning = ""  # written once, before the content and the calls that follow it
             if not isinstance(m["tool_calls"], list):
                 raise where.error("expected a list", f"{p}tool_calls")
             for j, call in enumerate(m["tool_calls"]):
@@ -347,9 +371,13 @@ def _openai(value: Any, where: Where) -> Conversation:
                 name = _str(fn, "name", where, f"{p}tool_calls[{j}].function.")
                 args = _arguments(fn.get("arguments"), where, f"{p}tool_calls[{j}].function.arguments")
                 call_names[str(call.get("id", ""))] = name
-                msgs.append(Message("assistant", "", loss, metadata=name, tool_call=ToolCall(name, args)))
+                call = ToolCall(name, args)
+                msgs.append(
+                    Message("assistant", "", loss, metadata=name, tool_call=call, reasoning=reasoning)
+                )
+                reasoning = ""
         elif role in ("system", "user", "assistant"):
-            msgs.append(Message(role, _str(m, "content", where, p), loss))
+            msgs.append(Message(role, _str(m, "content", where, p) or "", loss, reasoning=reasoning))
         else:
             raise where.error(
                 f"unknown role {_short(role)} (expected system, user, assistant or tool)", f"{p}role"
@@ -434,6 +462,8 @@ def message_to_record(messages: list[Message], i: int) -> tuple[dict[str, Any], 
     m = messages[i]
     if m.tool_call is not None:
         out: dict[str, Any] = {"role": "tool", "name": m.tool_call.name, "parameters": m.tool_call.arguments}
+        if m.reasoning:
+            out["reasoning"] = m.reasoning
         if m.loss is not None:
             out["loss"] = m.loss
         if i + 1 < len(messages) and messages[i + 1].role == "observation":
@@ -441,6 +471,8 @@ def message_to_record(messages: list[Message], i: int) -> tuple[dict[str, Any], 
             return out, i + 2
         return out, i + 1
     out = {"role": m.role, "content": m.content}
+    if m.reasoning:
+        out["reasoning"] = m.reasoning
     if m.metadata:
         out["metadata"] = m.metadata
     if m.loss is not None:

@@ -25,7 +25,7 @@ def limits_of(cfg: TrainConfig) -> Limits:
 
 def template_for(cfg: TrainConfig, tokenizer: Any) -> Template:
     """The config's template bound to this tokenizer."""
-    return build_template(cfg.template, tokenizer, limits_of(cfg))
+    return build_template(cfg.template, tokenizer, limits_of(cfg), train_reasoning=cfg.train_reasoning)
 
 
 def data_cache_dir() -> Path:

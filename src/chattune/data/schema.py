@@ -30,6 +30,7 @@ class Message:
     metadata: str = ""
     tool_call: ToolCall | None = None
     tool_name: str | None = None  # for observations: which tool answered (chat templates want it)
+    reasoning: str = ""  # an assistant turn's reasoning trace, written before its content or call
 
     @property
     def trained(self) -> bool:

@@ -10,6 +10,7 @@ from typing import Any
 
 from chattune.data.formats import read_samples
 from chattune.data.schema import Conversation, Message, Pair, Sample
+from chattune.data.templates import ParsedReply
 from chattune.errors import ConfigError
 
 
@@ -51,13 +52,15 @@ def read_samples_for_inference(path: str | Path) -> list[tuple[Any, Sample]]:
     return list(read_samples(path, allow_untrained=True))
 
 
-def write_predictions(prompts: list[Prompt], predictions: list[str], output: Path) -> None:
-    """One JSON line per input: input, prediction, and reference when there is one (atomic write)."""
+def write_predictions(prompts: list[Prompt], predictions: list[ParsedReply], output: Path) -> None:
+    """One JSON line per input: input, prediction, its reasoning and the reference when there are (atomic)."""
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = output.with_name(f".{output.name}.tmp")
     with tmp.open("w", encoding="utf-8") as f:
         for p, pred in zip(prompts, predictions, strict=True):
-            row: dict[str, Any] = {"input": p.text, "prediction": pred}
+            row: dict[str, Any] = {"input": p.text, "prediction": pred.display()}
+            if pred.reasoning:
+                row["reasoning"] = pred.reasoning
             if p.reference is not None:
                 row["reference"] = p.reference
             f.write(json.dumps(row, ensure_ascii=False) + "\n")

@@ -16,7 +16,7 @@ from rich.markup import escape
 from rich.text import Text
 
 from chattune.data.schema import Conversation, Message
-from chattune.data.templates import ParsedReply
+from chattune.data.templates import ParsedReply, split_reasoning
 from chattune.errors import ConfigError
 from chattune.infer.engine import Engine
 from chattune.infer.generate import Sampling, stream
@@ -69,10 +69,17 @@ def parse_tools(text: str) -> list[dict[str, Any]]:
 
 def reply_messages(parsed: ParsedReply) -> list[Message]:
     """The history entries for a parsed reply: one text message, or one tool-call message per call."""
-    if parsed.error or not parsed.tool_calls:
-        return [Message("assistant", parsed.content)]  # a malformed call stays in history as the text it was
+    # the reasoning goes into history with the reply: the chat template decides whether to show it again
+    if parsed.error or not parsed.tool_calls:  # a malformed call stays in history as the text it was
+        return [Message("assistant", parsed.content, reasoning=parsed.reasoning)]
     return [
-        Message("assistant", parsed.content if i == 0 else "", metadata=call.name, tool_call=call)
+        Message(
+            "assistant",
+            parsed.content if i == 0 else "",
+            metadata=call.name,
+            tool_call=call,
+            reasoning=parsed.reasoning if i == 0 else "",
+        )
         for i, call in enumerate(parsed.tool_calls)
     ]
 
@@ -88,6 +95,8 @@ def render_reply(parsed: ParsedReply, console: Console, *, streamed: bool = True
             highlight=False,
         )
         return
+    if parsed.reasoning and not streamed:
+        console.print(parsed.reasoning, style="dim", markup=False, highlight=False)
     if parsed.content and not streamed:
         console.print(parsed.content, markup=False, highlight=False)
     for call in parsed.tool_calls:
@@ -138,6 +147,29 @@ def _read(console: Console, prompt: Text, input_stream: TextIO) -> str | None:
     return line
 
 
+class ShownSoFar:
+    """What of a streamed reply is on screen: its reasoning (shown dimmed) and its answer, as they grow."""
+
+    def __init__(self, tags: tuple[str, str, bool]):
+        self.tags, self.reasoning, self.answer = tags, "", ""
+
+    def more(self, raw: str) -> list[tuple[str, bool]]:
+        """The new (text, is_reasoning) pieces to print now that the reply reads `raw`."""
+        reasoning, answer = split_reasoning(raw, self.tags, final=False)
+        # ChatGLM3 text replies open with an empty metadata line, reasoning ends with layout: not printed
+        answer = answer.lstrip()
+        out = []
+        if reasoning.startswith(self.reasoning) and len(reasoning) > len(self.reasoning):
+            out.append((reasoning[len(self.reasoning) :], True))
+            self.reasoning = reasoning
+        if answer.startswith(self.answer) and len(answer) > len(self.answer):
+            if self.reasoning and not self.answer:
+                out.append(("\n", False))
+            out.append((answer[len(self.answer) :], False))
+            self.answer = answer
+        return out
+
+
 def _reply(engine: Engine, conv: Conversation, sampling: Sampling, console: Console) -> ParsedReply:
     """Stream one assistant reply to the console, then parse it, show it and add it to the history."""
     prompt_ids = engine.template.encode_prompt(conv)
@@ -150,16 +182,16 @@ def _reply(engine: Engine, conv: Conversation, sampling: Sampling, console: Cons
         )
     console.print(Text("assistant> ", style="bold cyan"), end="")
     pieces: list[str] = []
-    shown = False
+    shown = ShownSoFar(engine.template.reasoning_tags())
     cancel = threading.Event()
     threads_before = set(threading.enumerate())
     try:
         for piece in stream(engine, prompt_ids, sampling, cancel):
             pieces.append(piece)
-            if not shown:  # ChatGLM3 text replies open with an empty metadata line; don't print it as a blank
-                piece = piece.lstrip()
-                shown = bool(piece)
-            console.print(piece, end="", markup=False, highlight=False, soft_wrap=True)
+            for text, dim in shown.more("".join(pieces)):
+                console.print(
+                    text, end="", style="dim" if dim else None, markup=False, highlight=False, soft_wrap=True
+                )
     except KeyboardInterrupt:
         # Ctrl-C quits: stop generation at its next token and wait for its thread, since interpreter exit
         # in the middle of a torch op aborts the process ("terminate called without an active exception")

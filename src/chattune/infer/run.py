@@ -9,6 +9,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from chattune.data.schema import Pair
+from chattune.data.templates import ParsedReply
 from chattune.errors import ConfigError
 from chattune.infer.batch import Prompt, as_prompt, prompts_from_file, write_predictions
 from chattune.infer.engine import Engine, load_engine
@@ -17,8 +18,8 @@ from chattune.infer.generate import Sampling, generate_batch
 
 def predict(
     engine: Engine, prompts: list[Prompt], sampling: Sampling, batch_size: int, console: Console
-) -> list[str]:
-    """Replies for all prompts with a progress bar."""
+) -> list[ParsedReply]:
+    """Replies for all prompts (answer, tool calls and reasoning apart) with a progress bar."""
     ids = [engine.template.encode_prompt(p.sample) for p in prompts]
     columns = (
         TextColumn(f"[bold]{Path(engine.name).name}"),
@@ -29,7 +30,7 @@ def predict(
     with Progress(*columns, console=console, transient=True) as bar:
         task = bar.add_task("generate", total=len(ids))
         raw = generate_batch(engine, ids, sampling, batch_size, lambda n: bar.advance(task, n))
-    return [engine.template.parse_reply(text).display() for text in raw]
+    return [engine.template.parse_reply(text) for text in raw]
 
 
 def run_infer(
@@ -67,7 +68,9 @@ def run_infer(
         err.print(f"wrote {len(predictions)} predictions → {output}")
     if not compare_base:
         if prompt is not None:
-            out.print(predictions[0], markup=False, highlight=False)
+            if predictions[0].reasoning:
+                out.print(predictions[0].reasoning, style="dim", markup=False, highlight=False)
+            out.print(predictions[0].display(), markup=False, highlight=False)
         return
     if adapter is None:
         raise ConfigError("--compare-base compares an --adapter with its base model; no --adapter was given")
@@ -77,7 +80,9 @@ def run_infer(
     for column in ("question", "base model", "tuned model", *(["reference"] if prompts[0].reference else [])):
         table.add_column(column, overflow="fold")
     for p, b, t in zip(prompts, base_predictions, predictions, strict=True):
-        table.add_row(p.text, b, t, *([p.reference or ""] if prompts[0].reference else []))
+        table.add_row(
+            p.text, b.display(), t.display(), *([p.reference or ""] if prompts[0].reference else [])
+        )
     out.print(table)
 
 

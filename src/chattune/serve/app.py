@@ -26,6 +26,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from chattune.data.formats import FORMATS, Where
 from chattune.data.schema import SourceRecord, ToolCall
+from chattune.data.templates import split_reasoning
 from chattune.errors import ConfigError, DataFormatError
 from chattune.infer.engine import Engine
 from chattune.infer.generate import Sampling, stream
@@ -441,16 +442,21 @@ class _Service:
             )
         return slot
 
-    def reply(self, job: _Job, raw: str, final: bool = True) -> tuple[str | None, list[ToolCall]]:
-        """Content and tool calls of a raw reply; without tools offered, call-like text stays text."""
-        parsed = self.engine.template.parse_reply(raw)
+    def reply(self, job: _Job, raw: str, final: bool = True) -> tuple[str, str | None, list[ToolCall]]:
+        """Reasoning, content and tool calls of a raw reply; without tools offered, call-like text stays text.
+
+        Mid-stream (`final` false) text that may still become a reasoning tag is held back, so what was
+        sent never has to be taken back.
+        """
+        parsed = self.engine.template.parse_reply(raw, final)
         if parsed.error and final:  # a partial reply mid-stream often looks like a broken call
             log.info("reply not parsed as a tool call: %s", parsed.error)
         if parsed.tool_calls and job.tools:
-            return parsed.content or None, parsed.tool_calls
+            return parsed.reasoning, parsed.content or None, parsed.tool_calls
         if parsed.tool_calls:  # e.g. a JSON answer with a "name" field, when nobody offered tools
-            return raw.strip(), []
-        return parsed.content, []
+            answer = split_reasoning(raw, self.engine.template.reasoning_tags(), final)[1]
+            return parsed.reasoning, answer.strip(), []
+        return parsed.reasoning, parsed.content, []
 
     def finish_reason(self, job: _Job, scan: _StopScanner, done: _Done | None) -> str:
         """`length` when max_tokens ran out before a stop token or stop string; `stop` otherwise."""
@@ -490,9 +496,13 @@ class _Service:
             raise APIError(500, f"generation failed: {type(e).__name__}: {e}") from None
         finally:
             watcher.cancel()
-        content, calls = self.reply(job, scan.text)
+        reasoning, content, calls = self.reply(job, scan.text)
         finish = "tool_calls" if calls else self.finish_reason(job, scan, done)
-        message = AssistantMessage(content=content, tool_calls=[_call_out(c) for c in calls] or None)
+        message = AssistantMessage(
+            content=content,
+            reasoning_content=reasoning or None,
+            tool_calls=[_call_out(c) for c in calls] or None,
+        )
         return ChatCompletion(
             id=f"chatcmpl-{uuid.uuid4().hex}",
             created=int(time.time()),
@@ -525,7 +535,7 @@ class _Service:
 
         yield chunk(Delta(role="assistant", content=""))
         cancel = threading.Event()
-        scan, done, sent = _StopScanner(job.stops), None, ""
+        scan, done, sent, thought = _StopScanner(job.stops), None, "", ""
         try:
             async with contextlib.aclosing(self.runner.pieces(job, cancel)) as items:
                 async for item in items:
@@ -535,18 +545,22 @@ class _Service:
                     scan.feed(item)
                     if scan.stopped:
                         cancel.set()
-                    if not job.tools:
-                        visible = self.reply(job, scan.settled(), final=False)[0] or ""
-                        if visible.startswith(sent) and len(visible) > len(sent):
-                            yield chunk(Delta(content=visible[len(sent) :]))
-                            sent = visible
+                    reasoning, visible, _ = self.reply(job, scan.settled(), final=False)
+                    if reasoning.startswith(thought) and len(reasoning) > len(thought):
+                        yield chunk(Delta(reasoning_content=reasoning[len(thought) :]))
+                        thought = reasoning
+                    if not job.tools and (visible or "").startswith(sent) and len(visible or "") > len(sent):
+                        yield chunk(Delta(content=(visible or "")[len(sent) :]))
+                        sent = visible or ""
         except Exception as e:  # the 200 header is out: report in the stream, as OpenAI does
             log.exception("generation failed")
             message = f"generation failed: {type(e).__name__}: {e}"
             error = ErrorResponse(error=ErrorDetail(message=message, type="server_error"))
             yield {"data": error.model_dump_json()}
             return
-        content, calls = self.reply(job, scan.text)
+        reasoning, content, calls = self.reply(job, scan.text)
+        if reasoning.startswith(thought) and len(reasoning) > len(thought):
+            yield chunk(Delta(reasoning_content=reasoning[len(thought) :]))
         if content and content.startswith(sent) and len(content) > len(sent):
             yield chunk(Delta(content=content[len(sent) :]))
         if calls:

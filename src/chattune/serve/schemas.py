@@ -56,17 +56,20 @@ class ToolCallDelta(ToolCallOut):
 
 
 class AssistantMessage(BaseModel):
-    """The reply; `content` is null when the reply is only tool calls."""
+    """The reply; `content` is null when the reply is only tool calls. `reasoning_content` carries a
+    reasoning model's trace apart from the answer, as reasoning-model APIs (DeepSeek, vLLM) return it."""
 
     role: Literal["assistant"] = "assistant"
     content: str | None
+    reasoning_content: str | None = None
     tool_calls: list[ToolCallOut] | None = None
 
     @model_serializer(mode="wrap")
     def _drop_empty_calls(self, handler: Any) -> dict[str, Any]:
         out = handler(self)
-        if out.get("tool_calls") is None:  # OpenAI leaves the key out of plain replies
-            out.pop("tool_calls", None)
+        for key in ("tool_calls", "reasoning_content"):  # OpenAI leaves the keys out of plain replies
+            if out.get(key) is None:
+                out.pop(key, None)
         return out
 
 
@@ -103,6 +106,7 @@ class Delta(BaseModel):
 
     role: Literal["assistant"] | None = None
     content: str | None = None
+    reasoning_content: str | None = None
     tool_calls: list[ToolCallDelta] | None = None
 
     @model_serializer(mode="wrap")

@@ -235,7 +235,8 @@ def run_training(cfg: TrainConfig, console: Console | None = None) -> Path:
     )
     if len(train_set) == 0:
         raise ConfigError(f"{cfg.train_file} has no usable sample (see the statistics above)")
-    print_sanity(console, tokenizer, train_set[0]["input_ids"], train_set[0]["labels"])
+    first = train_set[0]
+    print_sanity(console, tokenizer, first["input_ids"], first["labels"], first.get("reasoning") or ())
     print_stats(console, train_stats, "Training data")
     eval_set = None
     if cfg.eval_file:

@@ -9,6 +9,16 @@ from chattune.data.templates.base import (
     ParsedReply,
     Template,
     build_template,
+    split_reasoning,
 )
 
-__all__ = ["IGNORE_INDEX", "TEMPLATES", "Encoded", "Limits", "ParsedReply", "Template", "build_template"]
+__all__ = [
+    "IGNORE_INDEX",
+    "TEMPLATES",
+    "Encoded",
+    "Limits",
+    "ParsedReply",
+    "Template",
+    "build_template",
+    "split_reasoning",
+]

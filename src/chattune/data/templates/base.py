@@ -29,6 +29,7 @@ class ParsedReply:
     content: str
     tool_calls: list[ToolCall] = field(default_factory=list)
     error: str | None = None
+    reasoning: str = ""  # the reasoning trace written before the answer, where the template has one
 
     def display(self) -> str:
         """The reply as a person reads it: the text, or the calls as name(arguments)."""
@@ -45,6 +46,9 @@ class Encoded:
     truncated: bool = False
     # on the first sample of a record that became several (one per trained turn): (samples, extra tokens)
     split: tuple[int, int] | None = None
+    reasoning: list[int] = field(
+        default_factory=list
+    )  # token ranges of reasoning traces: [lo, hi, lo, hi...]
 
     @property
     def n_trained(self) -> int:
@@ -52,10 +56,36 @@ class Encoded:
         return len(self.labels) - self.labels.count(IGNORE_INDEX)  # list.count runs in C
 
 
+def split_reasoning(text: str, tags: tuple[str, str, bool], final: bool = True) -> tuple[str, str]:
+    """(reasoning, answer) of generated text, for a template that writes reasoning between `tags`.
+
+    `tags` is (opening tag, closing tag, whether the generation prompt already opened it). A reply that
+    stops before the closing tag is all reasoning. Mid-stream (`final` false) a tail that may begin the
+    closing tag, or a start that may begin the opening one, is held back, so what was shown stays valid.
+    """
+    opener, closer, opened = tags
+    if not closer:
+        return "", text
+    if not final:
+        text = text[
+            : len(text) - max((k for k in range(1, len(closer)) if text.endswith(closer[:k])), default=0)
+        ]
+        if opener and not opened and text.strip() and opener.startswith(text.strip()):
+            return "", ""  # it may still become the opening tag
+    if closer in text:
+        reasoning, answer = text.split(closer, 1)
+        return reasoning.strip().removeprefix(opener).strip(), answer
+    stripped = text.lstrip()
+    if opened or (opener and stripped.startswith(opener)):
+        return stripped.removeprefix(opener).strip(), ""
+    return "", text
+
+
 class Template(Protocol):
     """Encodes samples for training and prompts for generation, the same way."""
 
     name: str
+    train_reasoning: bool  # false: reasoning traces are context, not targets (the answer alone is learnt)
 
     def encode(self, sample: Sample) -> list[Encoded]:
         """Training ids and labels for a record: one sample, or one per trained turn where the template
@@ -74,8 +104,17 @@ class Template(Protocol):
         """Warnings about how this template trains (e.g. an end-of-turn it had to supply), for the user."""
         ...
 
-    def parse_reply(self, text: str) -> ParsedReply:
-        """Split generated text (special tokens removed) into content and tool calls, as training wrote them."""
+    def supports_reasoning(self) -> bool:
+        """Whether an assistant turn's reasoning has a place in what this template trains."""
+        ...
+
+    def reasoning_tags(self) -> tuple[str, str, bool]:
+        """(opening tag, closing tag, whether the generation prompt opens it); empty without reasoning."""
+        ...
+
+    def parse_reply(self, text: str, final: bool = True) -> ParsedReply:
+        """Split generated text (special tokens removed) into reasoning, content and tool calls, as training
+        wrote them; `final` false for a reply still being generated (see `split_reasoning`)."""
         ...
 
 
@@ -97,10 +136,17 @@ def resolve_template_name(name: str, tokenizer: Any) -> str:
     return "hf" if getattr(tokenizer, "chat_template", None) else "raw"
 
 
-def build_template(name: str, tokenizer: Any, limits: Limits | None = None) -> Template:
-    """The template called `name` (or the one `auto` picks) bound to a tokenizer and length limits."""
+def build_template(
+    name: str, tokenizer: Any, limits: Limits | None = None, *, train_reasoning: bool = True
+) -> Template:
+    """The template called `name` (or the one `auto` picks) bound to a tokenizer and length limits.
+
+    `train_reasoning`: whether assistant turns' reasoning traces are learnt (else only seen as context).
+    """
     resolved = resolve_template_name(name, tokenizer)
-    return TEMPLATES.get(resolved)(tokenizer, limits or Limits())
+    template = TEMPLATES.get(resolved)(tokenizer, limits or Limits())
+    template.train_reasoning = train_reasoning
+    return template
 
 
 def split_pair_budget(

@@ -56,6 +56,7 @@ class ChatGLM3Template:
     """
 
     name = "chatglm3"
+    train_reasoning = True  # no reasoning reaches this template (see supports_reasoning)
 
     def __init__(self, tokenizer: Any, limits: Limits):
         self.tok, self.limits = tokenizer, limits
@@ -105,6 +106,14 @@ class ChatGLM3Template:
         """Nothing to warn about: replies always end with eos."""
         return []
 
+    def supports_reasoning(self) -> bool:
+        """No place for reasoning traces: a record with one is refused, never silently cut."""
+        return False
+
+    def reasoning_tags(self) -> tuple[str, str, bool]:
+        """None: replies are answers only."""
+        return "", "", False
+
     def encode_prompt(self, sample: Sample) -> list[int]:
         """Generation input: the prompt after `[gMASK] sop`, or the conversation then `<|assistant|>`."""
         if isinstance(sample, Pair):
@@ -113,7 +122,7 @@ class ChatGLM3Template:
         ids, _ = self._conversation_ids(sample)
         return [*ids, self.tok.get_command("<|assistant|>")]
 
-    def parse_reply(self, text: str) -> ParsedReply:
+    def parse_reply(self, text: str, final: bool = True) -> ParsedReply:
         """ChatGLM3 replies start with a metadata line: empty for text, the tool name for a call."""
         metadata, _, content = text.partition("\n")
         if not metadata.strip():

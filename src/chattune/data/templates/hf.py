@@ -9,10 +9,24 @@ import re
 from typing import Any
 
 from chattune.data.schema import Conversation, Message, Sample, ToolCall
-from chattune.data.templates.base import IGNORE_INDEX, TEMPLATES, Encoded, Limits, ParsedReply
+from chattune.data.templates.base import (
+    IGNORE_INDEX,
+    TEMPLATES,
+    Encoded,
+    Limits,
+    ParsedReply,
+    split_reasoning,
+)
 from chattune.data.templates.chatglm3 import tools_system_prompt
 from chattune.data.templates.raw import RawTemplate
-from chattune.data.templates.turns import Turn, cut_at_turn_end, group_turns, reply_after
+from chattune.data.templates.turns import (
+    Turn,
+    cut_at_turn_end,
+    find_reasoning,
+    group_turns,
+    reply_after,
+    trained_spans,
+)
 from chattune.errors import ConfigError
 
 TOOL_CALL_OPEN, TOOL_CALL_CLOSE = "<tool_call>", "</tool_call>"
@@ -35,21 +49,23 @@ def to_hf_messages(
     """
     out: list[dict[str, Any]] = []
     for m in conv.messages:
+        # Qwen3, DeepSeek and GLM templates read `reasoning_content`, gpt-oss and LFM2.5 read `thinking`
+        thought = {"reasoning_content": m.reasoning, "thinking": m.reasoning} if m.reasoning else {}
         if m.tool_call is not None and native_calls:
             call = {
                 "type": "function",
                 "function": {"name": m.tool_call.name, "arguments": m.tool_call.arguments},
             }
-            out.append({"role": "assistant", "content": m.content, "tool_calls": [call]})
+            out.append({"role": "assistant", "content": m.content, "tool_calls": [call], **thought})
         elif m.tool_call is not None:
             text = "\n".join(x for x in (m.content, format_tool_call_text(m.tool_call)) if x)
-            out.append({"role": "assistant", "content": text})
+            out.append({"role": "assistant", "content": text, **thought})
         elif m.role == "observation":
             out.append(
                 {"role": "tool", "content": m.content, **({"name": m.tool_name} if m.tool_name else {})}
             )
         else:
-            out.append({"role": m.role, "content": m.content})
+            out.append({"role": m.role, "content": m.content, **thought})
     if conv.tools and not native_tools:
         tools_text = tools_system_prompt(conv.tools)
         if out and out[0]["role"] == "system":
@@ -105,6 +121,9 @@ class HFChatTemplate:
         self.native_tools, self.native_calls = self._probe_tool_support()
         self._stop_ids: list[int] | None = None
         self._ends: tuple[tuple[str, ...], tuple[str, ...], str | None] | None = None
+        self._tags: tuple[str, str, bool] | None = None
+        self._tags_probed = False
+        self.train_reasoning = True
         self._jinja = _DirectRenderer.if_equivalent(tokenizer, self.native_tools, self.native_calls)
 
     def _probe_tool_support(self) -> tuple[bool, bool]:
@@ -127,9 +146,40 @@ class HFChatTemplate:
         """The conversation as this template's messages (tools and calls in text where it cannot render them)."""
         return to_hf_messages(conv, self.native_tools, self.native_calls)
 
-    def parse_reply(self, text: str) -> ParsedReply:
-        """Text and `<tool_call>` (or bare JSON) tool calls."""
-        return parse_tool_calls_text(text)
+    def parse_reply(self, text: str, final: bool = True) -> ParsedReply:
+        """Reasoning (where the template writes it in tags), then text and `<tool_call>` (or JSON) calls."""
+        reasoning, answer = split_reasoning(text, self.reasoning_tags(), final)
+        parsed = parse_tool_calls_text(answer)
+        parsed.reasoning = reasoning
+        return parsed
+
+    def supports_reasoning(self) -> bool:
+        """Whether the chat template writes an assistant turn's reasoning (checked by rendering a probe)."""
+        return self._reasoning_probe() is not None
+
+    def reasoning_tags(self) -> tuple[str, str, bool]:
+        """(opening tag, closing tag, whether the generation prompt opens it) as the template writes them."""
+        return self._reasoning_probe() or ("", "", False)
+
+    def _reasoning_probe(self) -> tuple[str, str, bool] | None:
+        if not self._tags_probed:
+            self._tags, self._tags_probed = self._probe_reasoning(), True
+        return self._tags
+
+    def _probe_reasoning(self) -> tuple[str, str, bool] | None:
+        probe = Conversation(
+            [Message("user", "Hi"), Message("assistant", "zzprobe answer", reasoning="zzprobe reasoning")]
+        )
+        try:
+            _, [turn] = self.turns(probe)
+        except Exception:  # a template that rejects the probe, or drops the reasoning
+            return None
+        reply = turn.reply
+        start, end = reply.find("zzprobe reasoning"), reply.find("zzprobe answer")
+        if start < 0 or end < start:
+            return None
+        opener, closer = reply[:start].strip(), reply[start + len("zzprobe reasoning") : end].strip()
+        return opener, closer, not opener and bool(closer)
 
     def _render(self, conv: Conversation, messages: list[dict[str, Any]], generation: bool) -> str:
         tools = conv.tools if self.native_tools else None
@@ -154,8 +204,15 @@ class HFChatTemplate:
             # rendering is most of the encoding time: the last message's rendering is the whole text
             full = text if j + 1 == len(msgs) else self._render(conv, msgs[: j + 1], False)
             history = self._render(conv, msgs[:j], False) if j and not full.startswith(prompt) else ""
-            reply = reply_after(prompt, full, history, self.tok.name_or_path)
-            turns.append(Turn(prompt, cut_at_turn_end(reply, ends, specials, eos)))
+            reply = reply_after(prompt, full, history, self.tok.name_or_path, m.reasoning)
+            reply = cut_at_turn_end(reply, ends, specials, eos)
+            where = find_reasoning(reply, m.reasoning)
+            if m.reasoning and where is None:
+                raise ConfigError(
+                    f"the chat template of {self.tok.name_or_path} does not write the reasoning of "
+                    f"assistant turn {i} into the reply it trains; it would be lost"
+                )
+            turns.append(Turn(prompt, reply, where))
         return text, turns
 
     def _turn_ends(self) -> tuple[tuple[str, ...], tuple[str, ...], str | None]:
@@ -211,21 +268,34 @@ class HFChatTemplate:
             return self.raw.encode(sample)
         text, turns = self.turns(sample)
         groups = group_turns(text, turns)
-        encoded = [self._encode_text(t, [(len(x.prompt), len(x.text)) for x in g]) for t, g in groups]
+        encoded = []
+        for sample_text, held in groups:
+            spans = [s for t in held for s in trained_spans(t, 0, self.train_reasoning)]
+            thoughts = [
+                (len(t.prompt) + a, len(t.prompt) + b) for t in held if t.reasoning for a, b in [t.reasoning]
+            ]
+            encoded.append(self._encode_text(sample_text, spans, thoughts))
         if len(encoded) > 1:  # what the split costs: tokens beyond the one rendering's
             whole = len(encoded[-1].input_ids) if groups[-1][0] is text else len(self._tokenize(text, [])[0])
             encoded[0].split = (len(encoded), sum(len(e.input_ids) for e in encoded) - whole)
         return encoded
 
-    def _encode_text(self, text: str, spans: list[tuple[int, int]]) -> Encoded:
-        ids, offsets = self._tokenize(text, spans)
+    def _encode_text(
+        self, text: str, spans: list[tuple[int, int]], thoughts: list[tuple[int, int]]
+    ) -> Encoded:
+        """Tokens of `text`; those starting inside `spans` are targets, those inside `thoughts` are reasoning."""
+        ids, offsets = self._tokenize(text, [*spans, *thoughts])
         labels = [IGNORE_INDEX] * len(ids)
+        # offsets ascend, so a span's tokens are one slice; (a,) sorts before every (a, end) offset
         for a, b in spans:
-            # offsets ascend, so a span's tokens are one slice; (a,) sorts before every (a, end) offset
             lo, hi = bisect.bisect_left(offsets, (a,)), bisect.bisect_left(offsets, (b,))
             labels[lo:hi] = ids[lo:hi]
         n = self.limits.max_seq_len
-        return Encoded(ids[:n], labels[:n], truncated=len(ids) > n)
+        reasoning = []
+        for a, b in thoughts:
+            lo, hi = bisect.bisect_left(offsets, (a,)), bisect.bisect_left(offsets, (b,))
+            reasoning += [min(lo, n), min(hi, n)]
+        return Encoded(ids[:n], labels[:n], truncated=len(ids) > n, reasoning=reasoning)
 
     def _tokenize(self, text: str, spans: list[tuple[int, int]]) -> tuple[list[int], list[tuple[int, ...]]]:
         """Token ids and each token's character offsets, (start, end) or (start,) (ascending either way)."""

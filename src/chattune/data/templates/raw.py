@@ -27,6 +27,7 @@ class RawTemplate:
     """No role markers: what prompt/response and context/target data are trained with on non-ChatGLM3 models."""
 
     name = "raw"
+    train_reasoning = True  # no reasoning reaches this template (see supports_reasoning)
 
     def __init__(self, tokenizer: Any, limits: Limits):
         self.tok, self.limits = tokenizer, limits
@@ -51,6 +52,14 @@ class RawTemplate:
         """Nothing to warn about: replies always end with eos."""
         return []
 
+    def supports_reasoning(self) -> bool:
+        """No place for reasoning traces: a record with one is refused, never silently cut."""
+        return False
+
+    def reasoning_tags(self) -> tuple[str, str, bool]:
+        """None: replies are answers only."""
+        return "", "", False
+
     def encode_prompt(self, sample: Sample) -> list[int]:
         """The prompt ids the model continues from."""
         pair = self._pair(sample)
@@ -61,7 +70,7 @@ class RawTemplate:
         """Just eos."""
         return [self.tok.eos_token_id]
 
-    def parse_reply(self, text: str) -> ParsedReply:
+    def parse_reply(self, text: str, final: bool = True) -> ParsedReply:
         """Raw replies are plain text."""
         return ParsedReply(text.strip())
 

@@ -18,9 +18,9 @@ from dataclasses import dataclass
 from chattune.errors import ConfigError
 
 # Reasoning models whose generation prompt opens a reasoning block (DeepSeek-R1's `<think>\n`) while their
-# template renders past replies without one. A reply with no reasoning closes the block empty, as these
-# models write it themselves when they do not think (Qwen3 and DeepSeek-R1 share the layout).
-EMPTY_REASONING_CLOSE = {"<think>": "\n</think>\n\n"}
+# template renders past replies without one (nor their reasoning). The reply writes the reasoning, or nothing,
+# and closes the block, as these models do themselves (Qwen3 and DeepSeek-R1 share the layout).
+REASONING_CLOSE = {"<think>": "\n</think>\n\n"}
 
 
 @dataclass(frozen=True)
@@ -29,6 +29,7 @@ class Turn:
 
     prompt: str
     reply: str
+    reasoning: tuple[int, int] | None = None  # where the reasoning trace sits in `reply`
 
     @property
     def text(self) -> str:
@@ -36,20 +37,21 @@ class Turn:
         return self.prompt + self.reply
 
 
-def reply_after(prompt: str, full: str, history: str, template_name: str) -> str:
+def reply_after(prompt: str, full: str, history: str, template_name: str, reasoning: str = "") -> str:
     """What the template writes after `prompt` for the turn that `full` ends with (not yet cut at its end).
 
     `history` is the conversation before the turn rendered without a generation prompt: where the
-    generation prompt opens a reasoning block that the rendered turn lacks, the reply closes it first.
+    generation prompt opens a reasoning block that the rendered turn lacks, the reply writes the turn's
+    `reasoning` (if any) and closes the block first.
     """
     if full.startswith(prompt):
         return full[len(prompt) :]
     if prompt.startswith(history) and full.startswith(history):
         opened, rendered = prompt[len(history) :], full[len(history) :]
-        for opener, close in EMPTY_REASONING_CLOSE.items():
+        for opener, close in REASONING_CLOSE.items():
             head = opened[: opened.rfind(opener)] if opened.rstrip().endswith(opener) else None
             if head is not None and rendered.startswith(head):
-                return close + rendered[len(head) :]
+                return reasoning.strip("\n") + close + rendered[len(head) :]
     raise ConfigError(
         f"the chat template of {template_name} prompts a reply with {prompt[-40:]!r} but renders that turn as "
         f"{full[len(history) : len(history) + 60]!r}: the reply cannot be placed after the prompt inference "
@@ -71,6 +73,22 @@ def cut_at_turn_end(reply: str, ends: tuple[str, ...], specials: tuple[str, ...]
     if stripped.endswith(specials) or eos is None:
         return stripped
     return stripped + eos
+
+
+def find_reasoning(reply: str, reasoning: str) -> tuple[int, int] | None:
+    """Where `reasoning` (as templates write it: surrounding newlines stripped) sits in `reply`, if it does."""
+    trace = reasoning.strip()
+    start = reply.find(trace) if trace else -1
+    return (start, start + len(trace)) if start >= 0 else None
+
+
+def trained_spans(turn: Turn, offset: int, train_reasoning: bool) -> list[tuple[int, int]]:
+    """The character spans of `turn` that are learnt, for a turn whose prompt starts at `offset`."""
+    start, end = offset + len(turn.prompt), offset + len(turn.text)
+    if turn.reasoning is None or train_reasoning:
+        return [(start, end)]
+    a, b = turn.reasoning
+    return [(start, start + a), (start + b, end)]
 
 
 def group_turns(text: str, turns: list[Turn]) -> list[tuple[str, list[Turn]]]:
