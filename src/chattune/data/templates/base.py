@@ -118,6 +118,24 @@ class Template(Protocol):
         ...
 
 
+class AnswersOnly:
+    """For templates whose replies are answers only (chatglm3, raw): no reasoning, eos always ends a reply."""
+
+    train_reasoning = True  # no reasoning reaches these templates (see supports_reasoning)
+
+    def notes(self) -> list[str]:
+        """Nothing to warn about: replies always end with eos."""
+        return []
+
+    def supports_reasoning(self) -> bool:
+        """No place for reasoning traces: a record with one is refused, never silently cut."""
+        return False
+
+    def reasoning_tags(self) -> tuple[str, str, bool]:
+        """None: replies are answers only."""
+        return "", "", False
+
+
 TEMPLATES: Registry[type] = Registry("template", ConfigError)
 
 

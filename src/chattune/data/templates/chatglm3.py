@@ -10,6 +10,7 @@ from chattune.data.schema import TOOLS_SYSTEM_PREFIX, Conversation, Message, Pai
 from chattune.data.templates.base import (
     IGNORE_INDEX,
     TEMPLATES,
+    AnswersOnly,
     Encoded,
     Limits,
     ParsedReply,
@@ -48,7 +49,7 @@ def tools_system_prompt(tools: list[Any]) -> str:
 
 
 @TEMPLATES.register("chatglm3")
-class ChatGLM3Template:
+class ChatGLM3Template(AnswersOnly):
     """`[gMASK] sop`, then per message `<|role|>` + metadata line + content, then eos.
 
     A token is a target when the token before it belongs to a trained message, so each reply's closing role
@@ -56,7 +57,6 @@ class ChatGLM3Template:
     """
 
     name = "chatglm3"
-    train_reasoning = True  # no reasoning reaches this template (see supports_reasoning)
 
     def __init__(self, tokenizer: Any, limits: Limits):
         self.tok, self.limits = tokenizer, limits
@@ -101,18 +101,6 @@ class ChatGLM3Template:
 
     def _plain(self, text: str) -> list[int]:
         return self.tok.encode(text, add_special_tokens=False)
-
-    def notes(self) -> list[str]:
-        """Nothing to warn about: replies always end with eos."""
-        return []
-
-    def supports_reasoning(self) -> bool:
-        """No place for reasoning traces: a record with one is refused, never silently cut."""
-        return False
-
-    def reasoning_tags(self) -> tuple[str, str, bool]:
-        """None: replies are answers only."""
-        return "", "", False
 
     def encode_prompt(self, sample: Sample) -> list[int]:
         """Generation input: the prompt after `[gMASK] sop`, or the conversation then `<|assistant|>`."""

@@ -8,6 +8,7 @@ from chattune.data.schema import Pair, Sample
 from chattune.data.templates.base import (
     IGNORE_INDEX,
     TEMPLATES,
+    AnswersOnly,
     Encoded,
     Limits,
     ParsedReply,
@@ -23,11 +24,10 @@ def adds_bos(tokenizer: Any) -> bool:
 
 
 @TEMPLATES.register("raw")
-class RawTemplate:
+class RawTemplate(AnswersOnly):
     """No role markers: what prompt/response and context/target data are trained with on non-ChatGLM3 models."""
 
     name = "raw"
-    train_reasoning = True  # no reasoning reaches this template (see supports_reasoning)
 
     def __init__(self, tokenizer: Any, limits: Limits):
         self.tok, self.limits = tokenizer, limits
@@ -47,18 +47,6 @@ class RawTemplate:
         prompt = self.prefix + src
         target = [*tgt, self.tok.eos_token_id]
         return [Encoded(prompt + target, [IGNORE_INDEX] * len(prompt) + target, truncated)]
-
-    def notes(self) -> list[str]:
-        """Nothing to warn about: replies always end with eos."""
-        return []
-
-    def supports_reasoning(self) -> bool:
-        """No place for reasoning traces: a record with one is refused, never silently cut."""
-        return False
-
-    def reasoning_tags(self) -> tuple[str, str, bool]:
-        """None: replies are answers only."""
-        return "", "", False
 
     def encode_prompt(self, sample: Sample) -> list[int]:
         """The prompt ids the model continues from."""
