@@ -44,6 +44,12 @@ class DataFormatError(ChattuneError):
         return (": ".join(where) + ": " if where else "") + self.reason
 
 
+class OutOfMemory(ChattuneError):
+    """A training step that did not fit in memory; names the step, the batch and the settings that help."""
+
+    exit_code = 5
+
+
 class ModelLoadError(ChattuneError):
     """A model or tokenizer that cannot be found or loaded (offline hub ids included)."""
 

@@ -81,3 +81,45 @@ def test_ctrl_c_saves_a_checkpoint_then_resume_finishes(tiny_model_dir, data, tm
     lib = find_allocator("auto")
     expected = "system" if lib is None else "tcmalloc" if "tcmalloc" in lib.name else "jemalloc"
     assert f"allocator: {expected}" in done.stderr
+
+
+# Lowers the process's data limit (RLIMIT_DATA: heap and anonymous mappings) to what it uses plus a little,
+# just before the first training step, so that step's activations really fail to allocate.
+_TIGHT_MEMORY = """
+import resource
+import chattune.train.trainer as trainer
+
+step = trainer.ChattuneTrainer.training_step
+
+def tight(self, *args, **kwargs):
+    if not getattr(self, "tightened", False):
+        self.tightened = True
+        with open("/proc/self/status") as status:
+            used = next(int(line.split()[1]) for line in status if line.startswith("VmData:")) * 1024
+        resource.setrlimit(resource.RLIMIT_DATA, (used + (24 << 20), resource.RLIM_INFINITY))
+    return step(self, *args, **kwargs)
+
+trainer.ChattuneTrainer.training_step = tight
+"""
+
+
+@pytest.mark.parametrize("allocator", ["system", "auto"])
+def test_out_of_memory_is_one_message_naming_step_batch_and_levers(tiny_model_dir, tmp_path, allocator):
+    if allocator == "auto" and find_allocator("auto") is None:
+        pytest.skip("neither tcmalloc nor jemalloc is installed")
+    rows = [{"prompt": "count " * 200, "response": "one two three " * 40} for _ in range(32)]
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    inject = tmp_path / "inject"
+    inject.mkdir()
+    (inject / "sitecustomize.py").write_text(_TIGHT_MEMORY)
+    env = os.environ | {"CHATTUNE_HOME": str(tmp_path / "home"), "PYTHONPATH": str(inject)}
+    settings = {"model": str(tiny_model_dir), "train_file": "d.jsonl", "output_dir": "out", "batch_size": 32,
+                "grad_accum": 2, "max_steps": 2, "allocator": allocator, "precision": "fp32"}  # fmt: skip
+    (tmp_path / "run.yaml").write_text(json.dumps(settings))
+    cmd = [sys.executable, "-m", "chattune", "train", "run.yaml"]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    said = " ".join((proc.stdout + proc.stderr).split())
+    assert proc.returncode == 5, said[-3000:]
+    assert "Traceback" not in said
+    assert "out of memory on cpu at step 1, in a micro-batch of 32 samples x" in said, said[-3000:]
+    assert "batch_size=16 grad_accum=4" in said and "max_seq_len" in said and "gradient_checkpointing" in said

@@ -19,7 +19,7 @@ from typing import Any
 
 from transformers import TrainerCallback
 
-from chattune.errors import ChattuneError, ConfigError
+from chattune.errors import ChattuneError, ConfigError, OutOfMemory
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 WEIGHTS_RE = re.compile(r"^(adapter_model|model|pytorch_model)(-\d+-of-\d+)?\.(safetensors|bin)$")
@@ -288,3 +288,31 @@ def raise_if_stopped(stop: StopRequest, out: Path) -> None:
 def interrupted_at_once_message(out: Path) -> str:
     """What a second Ctrl-C leaves behind."""
     return f"Stopped at once; {_last_words(out)}. Run the same command to resume."
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """Whether `error` is an allocation failure: CUDA's OutOfMemoryError, or the CPU allocator's refusal."""
+    import torch
+
+    if isinstance(error, (torch.OutOfMemoryError, MemoryError)):
+        return True
+    return isinstance(error, RuntimeError) and "can't allocate memory" in str(error)
+
+
+def out_of_memory(step: int, inputs: dict[str, Any], args: Any, device: str) -> OutOfMemory:
+    """One paragraph for a step that ran out of memory: where, on what batch, and the levers that help."""
+    rows, width = inputs["input_ids"].shape[:2]
+    shape = (
+        f"{width} tokens in one packed row"
+        if "position_ids" in inputs and rows == 1
+        else (f"{rows} samples x {width} tokens")
+    )
+    accum = args.gradient_accumulation_steps
+    return OutOfMemory(
+        f"out of memory on {device} at step {step}, in a micro-batch of {shape} "
+        f"(batch_size {args.per_device_train_batch_size}, grad_accum {accum}). Levers, cheapest first: "
+        f"halve batch_size and double grad_accum (batch_size={max(1, args.per_device_train_batch_size // 2)} "
+        f"grad_accum={accum * 2}: the same samples per step, half the activations at once); lower max_seq_len "
+        "(long samples are cut); gradient_checkpointing: mlp (or true) to recompute activations in backward; "
+        "on a GPU, quantization_bit: 4 or 8 for the frozen base weights."
+    )

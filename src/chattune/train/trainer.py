@@ -17,7 +17,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from chattune.data.batching import EpochSeededLengthGroupedSampler
 from chattune.data.templates import IGNORE_INDEX
 from chattune.train.callbacks import TokenCounter
-from chattune.train.guards import resume_load, save_failed
+from chattune.train.guards import is_out_of_memory, out_of_memory, resume_load, save_failed
 from chattune.train.loss import split_backbone_and_head, trained_positions_loss
 
 STAGING = ".staging"
@@ -136,7 +136,13 @@ class ChattuneTrainer(Trainer):
         mask = inputs.get("attention_mask")  # packed rows have no padding, hence no mask
         self.counter.tokens += int(mask.sum()) if mask is not None else inputs["input_ids"].numel()
         self.counter.trained += int((inputs["labels"] != IGNORE_INDEX).sum())
-        loss = super().training_step(model, inputs, num_items_in_batch)
+        try:
+            loss = super().training_step(model, inputs, num_items_in_batch)
+        except (RuntimeError, MemoryError) as e:  # torch.OutOfMemoryError is a RuntimeError
+            if not is_out_of_memory(e):
+                raise
+            device = str(inputs["input_ids"].device)
+            raise out_of_memory(self.state.global_step + 1, inputs, self.args, device) from None
         if self.loss_watch is not None:
             self.loss_watch(loss)
         return loss
