@@ -78,3 +78,34 @@ def test_packed_training_matches_padded_loss(tiny_model_dir, tmp_path, precision
         ]
 
     assert curve(True) == pytest.approx(curve(False), **LOSS_TOLERANCE[precision])
+
+
+# The CUDA path: one FlexAttention call with a document mask. Run eagerly on CPU it must give what the
+# per-sample loop gives: fp32 measured 5e-7 apart (sums in another order); bf16 0.0078, one rounding step of
+# outputs between 2 and 4, held to 2.5 steps. Attending across samples would move outputs by O(1).
+FLEX_TOLERANCE = {"fp32": {"atol": 1e-5, "rtol": 1e-5}, "bf16": {"atol": 2e-2, "rtol": 0.0}}
+
+
+@pytest.mark.parametrize("groups", [2, 4])  # grouped-query and plain multi-head attention
+def test_flex_document_mask_equals_the_per_sample_loop(precision, groups):
+    import itertools
+    import warnings
+
+    import torch.nn.functional as F
+
+    from chattune.models.attention import document_ids, flex_packed_attention
+
+    g = torch.Generator().manual_seed(0)
+    dtype = DTYPES[precision]
+    bounds = torch.tensor([0, 7, 19, 20, 45])
+    q, k, v = (torch.randn(1, h, 45, 16, generator=g).to(dtype) for h in (4, groups, groups))
+    assert document_ids(bounds).tolist() == [0] * 7 + [1] * 12 + [2] + [3] * 25
+    with warnings.catch_warnings():  # eager FlexAttention warns that it is meant to be compiled
+        warnings.simplefilter("ignore")
+        got = flex_packed_attention(q, k, v, bounds, None, groups != 4, compiled=False)
+    want = torch.empty_like(q)
+    for a, b in itertools.pairwise(bounds.tolist()):
+        want[:, :, a:b] = F.scaled_dot_product_attention(
+            q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], is_causal=True, enable_gqa=groups != 4
+        )
+    torch.testing.assert_close(got, want, **FLEX_TOLERANCE[precision])
