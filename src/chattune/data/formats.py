@@ -96,6 +96,8 @@ def _read_fields(obj: dict[str, Any], known: frozenset[str], where: Where, path:
     reported as a warning with the file, the first line and a did-you-mean (`strict_fields: true`: an
     error); other record fields (ids, sources) are only listed in the statistics.
     """
+    if obj.keys() <= known:  # the common case, checked without building a set
+        return
     for name in obj.keys() - known:
         hint = did_you_mean(name, sorted(known))
         if path or hint:
@@ -111,6 +113,8 @@ def _read_fields(obj: dict[str, Any], known: frozenset[str], where: Where, path:
 
 def _reasoning(obj: dict[str, Any], where: Where, path: str, assistant: bool) -> str:
     """The reasoning trace under any of its names (one of them, or several that agree); assistants only."""
+    if obj.keys().isdisjoint(REASONING_FIELDS):  # the common case, in one C-level check
+        return ""
     given = [name for name in REASONING_FIELDS if obj.get(name) not in (None, "")]
     if not given:
         return ""

@@ -270,10 +270,8 @@ class HFChatTemplate:
         groups = group_turns(text, turns)
         encoded = []
         for sample_text, held in groups:
-            spans = [s for t in held for s in trained_spans(t, 0, self.train_reasoning)]
-            thoughts = [
-                (len(t.prompt) + a, len(t.prompt) + b) for t in held if t.reasoning for a, b in [t.reasoning]
-            ]
+            spans = [s for t in held for s in trained_spans(t, self.train_reasoning)]
+            thoughts = [t.reasoning_span for t in held if t.reasoning_span is not None]
             encoded.append(self._encode_text(sample_text, spans, thoughts))
         if len(encoded) > 1:  # what the split costs: tokens beyond the one rendering's
             whole = len(encoded[-1].input_ids) if groups[-1][0] is text else len(self._tokenize(text, [])[0])
@@ -285,16 +283,14 @@ class HFChatTemplate:
     ) -> Encoded:
         """Tokens of `text`; those starting inside `spans` are targets, those inside `thoughts` are reasoning."""
         ids, offsets = self._tokenize(text, [*spans, *thoughts])
-        labels = [IGNORE_INDEX] * len(ids)
         # offsets ascend, so a span's tokens are one slice; (a,) sorts before every (a, end) offset
+        first = bisect.bisect_left
+        labels = [IGNORE_INDEX] * len(ids)
         for a, b in spans:
-            lo, hi = bisect.bisect_left(offsets, (a,)), bisect.bisect_left(offsets, (b,))
+            lo, hi = first(offsets, (a,)), first(offsets, (b,))
             labels[lo:hi] = ids[lo:hi]
         n = self.limits.max_seq_len
-        reasoning = []
-        for a, b in thoughts:
-            lo, hi = bisect.bisect_left(offsets, (a,)), bisect.bisect_left(offsets, (b,))
-            reasoning += [min(lo, n), min(hi, n)]
+        reasoning = [min(first(offsets, (c,)), n) for span in thoughts for c in span]
         return Encoded(ids[:n], labels[:n], truncated=len(ids) > n, reasoning=reasoning)
 
     def _tokenize(self, text: str, spans: list[tuple[int, int]]) -> tuple[list[int], list[tuple[int, ...]]]:

@@ -36,6 +36,23 @@ class Turn:
         """The prompt followed by the reply."""
         return self.prompt + self.reply
 
+    @property
+    def end(self) -> int:
+        """Where the reply ends in `text`."""
+        return len(self.prompt) + len(self.reply)
+
+    def starts(self, text: str) -> bool:
+        """Whether `text` begins with this turn's prompt and reply (without building their concatenation)."""
+        return text.startswith(self.prompt) and text.startswith(self.reply, len(self.prompt))
+
+    @property
+    def reasoning_span(self) -> tuple[int, int] | None:
+        """Where the reasoning trace sits in `text`."""
+        if self.reasoning is None:
+            return None
+        a, b = self.reasoning
+        return len(self.prompt) + a, len(self.prompt) + b
+
 
 def reply_after(prompt: str, full: str, history: str, template_name: str, reasoning: str = "") -> str:
     """What the template writes after `prompt` for the turn that `full` ends with (not yet cut at its end).
@@ -82,19 +99,19 @@ def find_reasoning(reply: str, reasoning: str) -> tuple[int, int] | None:
     return (start, start + len(trace)) if start >= 0 else None
 
 
-def trained_spans(turn: Turn, offset: int, train_reasoning: bool) -> list[tuple[int, int]]:
-    """The character spans of `turn` that are learnt, for a turn whose prompt starts at `offset`."""
-    start, end = offset + len(turn.prompt), offset + len(turn.text)
-    if turn.reasoning is None or train_reasoning:
+def trained_spans(turn: Turn, train_reasoning: bool) -> list[tuple[int, int]]:
+    """The character spans of `turn.text` that are learnt: the reply, less its reasoning if that is not."""
+    start, end = len(turn.prompt), turn.end
+    if turn.reasoning_span is None or train_reasoning:
         return [(start, end)]
-    a, b = turn.reasoning
-    return [(start, start + a), (start + b, end)]
+    a, b = turn.reasoning_span
+    return [(start, a), (b, end)]
 
 
 def group_turns(text: str, turns: list[Turn]) -> list[tuple[str, list[Turn]]]:
     """Samples as (text, the turns trained in it): one sample when the whole rendering holds every turn,
     else the turns it holds stay in it and each other turn becomes a sample of its own, in turn order."""
-    held = [text.startswith(t.text) for t in turns]
+    held = [t.starts(text) for t in turns]
     if all(held):
         return [(text, turns)]
     own = [(t.text, [t]) for t, h in zip(turns, held, strict=True) if not h]
