@@ -181,14 +181,14 @@ def _reply(engine: Engine, conv: Conversation, sampling: Sampling, console: Cons
             highlight=False,
         )
     console.print(Text("assistant> ", style="bold cyan"), end="")
-    pieces: list[str] = []
+    raw = ""  # unstripped: ChatGLM3's parser needs the metadata line as generated
     shown = ShownSoFar(engine.template.reasoning_tags())
     cancel = threading.Event()
     threads_before = set(threading.enumerate())
     try:
         for piece in stream(engine, prompt_ids, sampling, cancel):
-            pieces.append(piece)
-            for text, dim in shown.more("".join(pieces)):
+            raw += piece
+            for text, dim in shown.more(raw):
                 console.print(
                     text, end="", style="dim" if dim else None, markup=False, highlight=False, soft_wrap=True
                 )
@@ -200,7 +200,6 @@ def _reply(engine: Engine, conv: Conversation, sampling: Sampling, console: Cons
             worker.join(timeout=30)
         raise
     console.print()
-    raw = "".join(pieces)  # unstripped: ChatGLM3's parser needs the metadata line as generated
     parsed = engine.template.parse_reply(raw)
     render_reply(parsed, console, streamed=True)
     conv.messages.extend(reply_messages(parsed))
