@@ -30,6 +30,12 @@ class TrainConfig(BaseModel):
         "auto", description="auto: bf16/fp16 on GPU, fp32 on CPUs without fast bf16"
     )
     quantization_bit: Literal[4, 8] | None = Field(None, description="load the base in 4/8 bits (CUDA only)")
+    pure_bf16: bool = Field(
+        False,
+        description="full/freeze in bf16: keep the trained weights in bf16 too (half the weight, gradient and "
+        "optimizer memory, but updates below bf16's resolution are lost); default: fp32 master weights under "
+        "bf16 autocast (bench/README.md, 'Full and freeze in bf16')",
+    )
 
     # data
     train_file: str | None = Field(None, description=".json array or .jsonl training data")

@@ -67,6 +67,25 @@ def pick_precision(requested: str) -> str:
     return "bf16" if cpu_has_fast_bf16() else "fp32"
 
 
+def compute_dtype(precision: str) -> Any:
+    """The torch dtype of a precision name (fp32, bf16, fp16)."""
+    import torch
+
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def half_frozen_weights(model: Any, precision: str) -> int:
+    """Cast the parameters that do not learn to the compute dtype (fp32 master weights only where they
+    learn: freeze's frozen blocks take half the memory); returns how many tensors were cast."""
+    dtype = compute_dtype(precision)
+    cast = 0
+    for p in model.parameters():
+        if not p.requires_grad and p.dtype != dtype and p.is_floating_point():
+            p.data = p.data.to(dtype)
+            cast += 1
+    return cast
+
+
 def load_model(
     model: str,
     *,
@@ -85,9 +104,11 @@ def load_model(
             "this machine has none. Remove quantization_bit to train in full precision."
         )
     path = resolve_path(model)
-    # full and freeze keep fp32 master weights under fp16 autocast (fp16 weights cannot be unscaled)
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-    if precision == "fp16" and train_full_weights:
+    dtype = compute_dtype(precision)
+    # full and freeze keep fp32 master weights under half-precision autocast: fp16 weights cannot be unscaled,
+    # and a bf16 weight loses every Adam update below 1/256 of its size (bench/full_precision.py measured it);
+    # `half_frozen_weights` then brings the weights that do not learn back down to the compute dtype
+    if train_full_weights and dtype != torch.float32:
         dtype = torch.float32
     # weights_only=True is transformers' default; passed anyway so that a `.bin` (pickle) checkpoint can never
     # run code while loading, whatever a later default becomes. safetensors files are preferred when present.

@@ -198,7 +198,7 @@ def run_training(cfg: TrainConfig, console: Console | None = None) -> Path:
     from chattune.data.cache import probe_key
     from chattune.data.check import print_sanity, print_stats
     from chattune.data.prepare import encode_split, template_for
-    from chattune.models.load import load_model, load_tokenizer, pick_precision
+    from chattune.models.load import half_frozen_weights, load_model, load_tokenizer, pick_precision
     from chattune.models.methods import apply_method, describe_trainable
     from chattune.system import available_cores, current_allocator
     from chattune.train.callbacks import RunLogCallback, TokenCounter
@@ -249,18 +249,22 @@ def run_training(cfg: TrainConfig, console: Console | None = None) -> Path:
     from transformers import set_seed
 
     set_seed(cfg.seed)
+    # full/freeze learn in fp32 master weights under bf16/fp16 autocast unless pure_bf16 asks for bf16 weights
+    master_weights = cfg.method in ("full", "freeze") and not (cfg.pure_bf16 and precision == "bf16")
     model = load_model(
         cfg.model,
         precision=precision,
         quantization_bit=cfg.quantization_bit,
         trust_remote_code=cfg.trust_remote_code,
-        train_full_weights=cfg.method in ("full", "freeze"),
+        train_full_weights=master_weights,
     )
     if cfg.packing:
         from chattune.models.attention import register_packed_attention
 
         model.set_attn_implementation(register_packed_attention())
     model = apply_method(model, cfg)
+    if master_weights and precision != "fp32":
+        half_frozen_weights(model, precision)
     fused = ""
     if cfg.method == "lora" and cfg.fuse_lora:
         from chattune.models.fused_lora import fuse_lora_linears
@@ -275,7 +279,8 @@ def run_training(cfg: TrainConfig, console: Console | None = None) -> Path:
     if int(os.environ.get("RANK", "0")) == 0:
         check_output_dir_writable(out, checkpoint_bytes(model, cfg.save_total_limit))
     console.print(
-        f"precision: {precision}   threads: {torch.get_num_threads()}   template: {template.name}"
+        f"precision: {precision}{' (fp32 master weights)' if master_weights and precision != 'fp32' else ''}"
+        f"   threads: {torch.get_num_threads()}   template: {template.name}"
         f"   allocator: {current_allocator()}" + (f"   fused LoRA: {fused}" if fused else "")
     )
 
@@ -307,6 +312,7 @@ def run_training(cfg: TrainConfig, console: Console | None = None) -> Path:
         generation_metrics=generation_metrics_fn(cfg, tokenizer, template) if cfg.eval_file else None,
         callbacks=[RunLogCallback(out, counter, console, title=out.name), stop],
         loss_watch=stop.note_loss,
+        master_weights=master_weights and precision != "fp32",
     )
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 

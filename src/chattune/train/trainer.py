@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -89,9 +90,13 @@ class ChattuneTrainer(Trainer):
         best: BestTracker,
         generation_metrics: Callable[[Any], dict[str, float]] | None = None,
         loss_watch: Callable[[Any], None] | None = None,
+        master_weights: bool = False,
         **kwargs: Any,
     ):
         super().__init__(*args, **kwargs)
+        # fp32 master weights compute under bf16/fp16 autocast; the stock loss gets it from accelerate's
+        # wrapped forward, while the trained-positions loss calls the backbone directly and enters it here
+        self.master_weights = master_weights
         self.counter, self.run_info, self.console = counter, run_info, console
         self.loss_watch = loss_watch  # sees every micro-batch loss (StopRequest.note_loss)
         self.best, self.generation_metrics = best, generation_metrics
@@ -125,7 +130,9 @@ class ChattuneTrainer(Trainer):
         """Cross-entropy with the output head run only on trained positions (stock path where unsafe)."""
         if self.split is None or model is not self.model:  # wrapped (DDP, DeepSpeed): keep its forward hooks
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        loss = trained_positions_loss(*self.split, inputs, num_items_in_batch)
+        autocast = self.accelerator.autocast() if self.master_weights else contextlib.nullcontext()
+        with autocast:
+            loss = trained_positions_loss(*self.split, inputs, num_items_in_batch)
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
             loss = loss * self.accelerator.num_processes  # gradients are averaged across processes
         return (loss, {"loss": loss}) if return_outputs else loss
