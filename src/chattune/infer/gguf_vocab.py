@@ -20,13 +20,15 @@ from chattune.errors import ConfigError
 # `<|role|>` + sp("\n") + sp(content) is what training feeds; a SentencePiece pass over "\n content" gives
 # the same ids (its dummy prefix lands before "\n", the written space before the content), and empty
 # content writes no space. Tool definitions open the conversation as ChatGLM3's tools system message.
+# Newlines after a block tag are written as expressions: Jinja's trim_blocks (on in transformers and
+# llama.cpp's renderer) drops a literal one.
 CHATGLM3_JINJA = (
     "[gMASK]sop"
-    "{% if tools %}<|system|>\n " + json.dumps(TOOLS_SYSTEM_PREFIX)[1:-1] + "{{ tools | tojson(indent=4) }}"
+    "{% if tools %}<|system|>\n " + TOOLS_SYSTEM_PREFIX + "{{ tools | tojson(indent=4) }}"
     "{% endif %}"
     "{% for message in messages %}"
     "{% if message['role'] in ['tool', 'observation'] %}<|observation|>"
-    "{% else %}<|{{ message['role'] }}|>{% endif %}\n"
+    "{% else %}<|{{ message['role'] }}|>{% endif %}{{ '\\n' }}"
     "{% if message['content'] %} {{ message['content'] }}{% endif %}"
     "{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>{% endif %}"

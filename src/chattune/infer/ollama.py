@@ -103,6 +103,8 @@ def _block(pieces: list[tuple[str, str]], i: int) -> tuple[list[_Node], int]:
         elif text == "range $i, $_ := .Messages":
             body, i = _block(pieces, i + 1)
             nodes.append(_Node("range", body=body))
+        elif text.split(" ", 1)[0] in ("range", "with", "define", "template", "block", "break", "continue"):
+            raise ValueError(f"unsupported template action {{{{ {text} }}}}")
         else:
             nodes.append(_Node("expr", text))
         i += 1
