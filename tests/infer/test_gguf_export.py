@@ -441,3 +441,41 @@ def test_renderer_refuses_what_it_does_not_implement():
         ollama.render("{{ range .Messages }}{{ .Images }}{{ end }}", [{"role": "user", "content": "x"}])
     with pytest.raises(ValueError, match="unsupported"):
         ollama.render("{{ if .Tools }}x{{ end }}", [])
+
+
+# ---- the real default model (opt-in) ---------------------------------------------------------------------
+
+DEFAULT_MODEL = Path("~/.cache/chattune/models/smollm2-135m-instruct").expanduser()
+
+
+# SmolLM2-135M logits (std 8.0) against the merged fp32 model, as |got - want| / |want| over all logits:
+# f16 measured 1.0e-3 (max element 0.05), q8_0 2.4e-2 (max element 1.2, 8-bit blocks through 30 layers);
+# held to 5e-3 and 5e-2, with the same greedy next token at the last 8 positions.
+@pytest.mark.slow
+@pytest.mark.parametrize(("kind", "bound"), [("f16", 5e-3), ("q8_0", 5e-2)])
+def test_default_model_lora_exports_for_ollama(kind, bound, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if not (DEFAULT_MODEL / ".chattune-pulled.json").is_file():
+        pytest.skip(f"{DEFAULT_MODEL} is not pulled (`chattune model pull` with the default CHATTUNE_HOME)")
+    lora = train(DEFAULT_MODEL, tmp_path, sums())
+    path = export_gguf(None, lora, tmp_path / "out", console=quiet(), fmt="ollama", gguf_type=kind)
+    assert 'PARAMETER stop "<|im_end|>"' in (path.parent / "Modelfile").read_text()
+    tok = AutoTokenizer.from_pretrained(lora)
+    prompt = [{"role": "user", "content": "What is 3 plus one?"}]
+    text = tok.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    loaded = AutoModelForCausalLM.from_pretrained(
+        path.parent, gguf_file=path.name, dtype=torch.float32
+    ).eval()
+    want = logits_of(merged_reference(DEFAULT_MODEL, lora), ids)
+    got = logits_of(loaded, ids)
+    error = float((got - want).norm() / want.norm())
+    assert error <= bound, error
+    assert torch.equal(got[0].argmax(-1)[-8:], want[0].argmax(-1)[-8:])  # the same next tokens
+    gguf_tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    text = tok.apply_chat_template([{"role": "user", "content": "Hi! 12345 naïve"}], tokenize=False)
+    assert (
+        gguf_tok(text, add_special_tokens=False)["input_ids"]
+        == tok(text, add_special_tokens=False)["input_ids"]
+    )
