@@ -216,7 +216,7 @@ def export(
     gguf_type: Annotated[
         str,
         typer.Option(
-            help="gguf/ollama: auto (bf16 for a bf16 base, else f16) | f32 | f16 | bf16 | q8_0 | q5_1 | q5_0 "
+            help="gguf/ollama: auto (the base's precision: f32, f16 or bf16) | f32 | f16 | bf16 | q8_0 | q5_1 | q5_0 "
             "| q4_1 | q4_0"
         ),
     ] = "auto",
