@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from chattune.errors import ChattuneError
+from chattune.errors import ChattuneError, ConfigError
 
 app = typer.Typer(help="Fine-tune chat LLMs on your own data, and put the result to work.",
                   no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False,
@@ -205,12 +205,43 @@ def export(
     output: Annotated[Path, typer.Option("-o", "--output", help="the standalone model dir to write")],
     model: ModelOpt = None,
     overwrite: bool = False,
-    dtype: Annotated[str, typer.Option(help="auto (the base's dtype) | fp32 | bf16 | fp16")] = "auto",
+    fmt: Annotated[
+        str,
+        typer.Option(
+            "--format",
+            help="hf (a transformers dir) | gguf (one GGUF for llama.cpp) | ollama (the GGUF and a Modelfile)",
+        ),
+    ] = "hf",
+    dtype: Annotated[str, typer.Option(help="hf: auto (the base's dtype) | fp32 | bf16 | fp16")] = "auto",
+    gguf_type: Annotated[
+        str,
+        typer.Option(
+            help="gguf/ollama: auto (the base's precision: f32, f16 or bf16) | f32 | f16 | bf16 | q8_0 | q5_1 | q5_0 "
+            "| q4_1 | q4_0"
+        ),
+    ] = "auto",
     trust_remote_code: bool = False,
 ) -> None:
-    """Merge a LoRA adapter into its base: a model dir plain transformers loads."""
-    from chattune.infer.export import export_merged
+    """Merge a LoRA adapter into its base: a model dir plain transformers loads, or a GGUF (+ Modelfile)."""
+    from chattune.infer.export import FORMATS, export_gguf, export_merged
 
+    if fmt not in FORMATS:
+        raise ConfigError(f"--format must be one of {', '.join(FORMATS)}, not {fmt!r}")
+    if fmt != "hf":
+        gguf = export_gguf(
+            model,
+            adapter,
+            output,
+            console=err,
+            fmt=fmt,
+            gguf_type=gguf_type,
+            overwrite=overwrite,
+            trust_remote_code=trust_remote_code,
+        )
+        out.print(
+            f"GGUF → {gguf}" + (f"\nModelfile → {gguf.parent / 'Modelfile'}" if fmt == "ollama" else "")
+        )
+        return
     path = export_merged(
         model,
         adapter,

@@ -1,9 +1,11 @@
-"""`chattune export`: fold a LoRA adapter into its base and write a standalone model dir."""
+"""`chattune export`: fold a LoRA adapter into its base and write a standalone model dir (transformers, GGUF,\nor GGUF + Ollama Modelfile)."""
 
 from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +15,7 @@ from chattune.errors import ChattuneError, ConfigError, ModelLoadError
 from chattune.infer.engine import ADAPTER_FILE, read_run_info
 
 DTYPES = ("auto", "fp32", "bf16", "fp16")
+FORMATS = ("hf", "gguf", "ollama")
 
 
 def prefix_tuning_message(adapter: Path, base: str | None) -> str:
@@ -29,14 +32,19 @@ def prefix_tuning_message(adapter: Path, base: str | None) -> str:
     )
 
 
-def check_adapter(adapter: Path, base: str | None) -> dict[str, Any]:
-    """The adapter's PEFT config, or a clear error when the dir is no LoRA adapter."""
+def check_adapter(adapter: Path, base: str | None, allow_full: bool = False) -> dict[str, Any] | None:
+    """The adapter's PEFT config, or a clear error when the dir is no LoRA adapter.
+
+    `allow_full`: a full/freeze output (a standalone model dir) is accepted as it is (None is returned).
+    """
     if not adapter.is_dir():
         raise ModelLoadError(
             f"adapter {adapter} is not a directory (expected a run's final/, best/ or checkpoint-N/)"
         )
     config_file = adapter / ADAPTER_FILE
     if not config_file.is_file():
+        if (adapter / "config.json").is_file() and allow_full:
+            return None
         if (adapter / "config.json").is_file():
             raise ChattuneError(
                 f"{adapter} is already a standalone model (a full or freeze fine-tuning output, no "
@@ -78,6 +86,84 @@ def saved_dtype(base_dir: Path) -> str:
     return {"bfloat16": "bf16", "float16": "fp16"}.get(name, "fp32")
 
 
+@dataclass
+class Source:
+    """What an export reads: the run's record, the model dir weights come from, and the adapter (if LoRA)."""
+
+    info: dict[str, Any]
+    base: str
+    model_dir: Path
+    adapter: Path
+    is_lora: bool
+
+
+def resolve_source(
+    model: str | None, adapter: Path, output: Path, overwrite: bool, allow_full: bool
+) -> Source:
+    """Check adapter and output before any work; a full/freeze output is its own model when `allow_full`."""
+    from chattune.models.load import resolve_path
+
+    info = read_run_info(adapter)
+    base = model or info.get("base_model")
+    is_lora = check_adapter(adapter, base, allow_full) is not None
+    if not is_lora:
+        base = str(adapter)
+    if base is None:
+        raise ConfigError(f"--model is required ({adapter} does not record its base model)")
+    model_dir = Path(resolve_path(base))
+    check_output(output, overwrite, [adapter, model_dir])
+    return Source(info, base, model_dir, adapter, is_lora)
+
+
+def load_tuned(source: Source, console: Console, trust_remote_code: bool) -> tuple[Any, Any, Any]:
+    """(model in float32 on the CPU with any LoRA merged, tokenizer, template) exactly as the run trained."""
+    from peft import PeftModel
+
+    from chattune.data.templates import Limits, build_template
+    from chattune.models.load import load_model, load_tokenizer
+
+    # the run saved its tokenizer (chat template included) beside the adapter; that is what training used
+    tok = load_tokenizer(str(source.model_dir), str(source.adapter), trust_remote_code)
+    info = source.info
+    limits = Limits(
+        info.get("max_seq_len", 2048), info.get("max_source_len", 1024), info.get("max_target_len", 128)
+    )
+    template = build_template(info.get("template", "auto"), tok, limits)
+    net = load_model(str(source.model_dir), precision="fp32", trust_remote_code=trust_remote_code)
+    if source.is_lora:
+        console.print(f"merging {source.adapter} into {source.base} (float32, CPU)")
+        # safe_merge checks the merged weights for NaN/inf before they replace the base's
+        net = PeftModel.from_pretrained(net, str(source.adapter)).merge_and_unload(safe_merge=True)
+    net.config.use_cache = True  # load_model turns the cache off for training; generation wants it
+    return net.eval(), tok, template
+
+
+def write_atomically(output: Path, fill: Callable[[Path], None]) -> None:
+    """Let `fill` write a hidden dir beside `output`, then rename it into place; on any error or Ctrl-C the
+    hidden dir is removed and `output` is as it was."""
+    from chattune.train.trainer import replace_dir
+
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = output.with_name(f".{output.name}.export-tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.mkdir()
+        fill(tmp)
+        replace_dir(tmp, output)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _record(source: Source, **extra: Any) -> str:
+    """chattune.json of an export: the run's record plus where the weights came from."""
+    if source.is_lora:
+        origin = {"base_model": source.base, "adapter": str(source.adapter.resolve())}
+    else:
+        origin = {"model": str(source.adapter.resolve())}
+    key = "merged_from" if source.is_lora else "exported_from"
+    return json.dumps(source.info | {key: origin | extra}, indent=2, ensure_ascii=False)
+
+
 def export_merged(
     model: str | None,
     adapter: Path,
@@ -93,36 +179,14 @@ def export_merged(
     `dtype` is the precision written: auto keeps the base's own (merging itself always runs in float32).
     """
     import torch
-    from peft import PeftModel
-
-    from chattune.data.templates import Limits, build_template
-    from chattune.models.load import load_model, load_tokenizer, resolve_path
-    from chattune.train.trainer import replace_dir
 
     adapter, output = Path(adapter), Path(output)
     if dtype not in DTYPES:
         raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
-    info = read_run_info(adapter)
-    base = model or info.get("base_model")
-    check_adapter(adapter, base)
-    if base is None:
-        raise ConfigError(f"--model is required ({adapter} does not record its base model)")
-    base_dir = Path(resolve_path(base))
-    check_output(output, overwrite, [adapter, base_dir])
-
-    console.print(f"merging {adapter} into {base} (float32, CPU)")
-    # the run saved its tokenizer (chat template included) beside the adapter; that is what training used
-    tok = load_tokenizer(str(base_dir), str(adapter), trust_remote_code)
-    limits = Limits(
-        info.get("max_seq_len", 2048), info.get("max_source_len", 1024), info.get("max_target_len", 128)
-    )
-    template = build_template(info.get("template", "auto"), tok, limits)
-    net = load_model(str(base_dir), precision="fp32", trust_remote_code=trust_remote_code)
-    # safe_merge checks the merged weights for NaN/inf before they replace the base's
-    merged = PeftModel.from_pretrained(net, str(adapter)).merge_and_unload(safe_merge=True)
-    target = saved_dtype(base_dir) if dtype == "auto" else dtype
+    source = resolve_source(model, adapter, output, overwrite, allow_full=False)
+    merged, tok, template = load_tuned(source, console, trust_remote_code)
+    target = saved_dtype(source.model_dir) if dtype == "auto" else dtype
     merged = merged.to({"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[target])
-    merged.config.use_cache = True  # load_model turns the cache off for training; generation wants it
 
     stops = template.stop_token_ids()
     generation = merged.generation_config
@@ -132,20 +196,95 @@ def export_merged(
     if tok.pad_token_id is not None:
         generation.pad_token_id = tok.pad_token_id
 
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output.with_name(f".{output.name}.export-tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    def fill(tmp: Path) -> None:
         merged.save_pretrained(str(tmp))  # safetensors (the only format transformers 5 writes)
         tok.save_pretrained(str(tmp))
-        record = info | {
-            "merged_from": {"base_model": base, "adapter": str(adapter.resolve()), "dtype": target}
-        }
-        (tmp / "chattune.json").write_text(json.dumps(record, indent=2, ensure_ascii=False), encoding="utf-8")
-        replace_dir(tmp, output)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        (tmp / "chattune.json").write_text(_record(source, dtype=target), encoding="utf-8")
+
+    write_atomically(output, fill)
     console.print(
         f"[bold green]Exported[/] a standalone {target} model → {output} (template {template.name})"
     )
     return output
+
+
+def export_gguf(
+    model: str | None,
+    adapter: Path,
+    output: Path,
+    *,
+    console: Console,
+    fmt: str = "gguf",
+    gguf_type: str = "auto",
+    overwrite: bool = False,
+    trust_remote_code: bool = False,
+) -> Path:
+    """Write the merged model (a LoRA merged; a full/freeze output as it is) as a GGUF in the dir `output`,
+    with the run's tokenizer, stop tokens and chat template; `fmt` ollama adds a Modelfile. Returns the GGUF.
+    """
+    from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn
+
+    from chattune.infer import gguf_export, gguf_vocab, ollama
+    from chattune.infer.generate import Sampling
+
+    adapter, output = Path(adapter), Path(output)
+    if fmt not in ("gguf", "ollama"):
+        raise ConfigError(f"format must be one of {', '.join(FORMATS)}, not {fmt!r}")
+    choices = ("auto", *gguf_export.GGUF_TYPES)
+    if gguf_type not in choices:
+        raise ConfigError(f"--gguf-type must be one of {', '.join(choices)}, not {gguf_type!r}")
+    source = resolve_source(model, adapter, output, overwrite, allow_full=True)
+    config_file = source.model_dir / "config.json"
+    config = json.loads(config_file.read_text(encoding="utf-8")) if config_file.is_file() else {}
+    arch = gguf_export.check_architecture(config, source.model_dir)  # before the (slow) load and merge
+    target = (
+        gguf_type
+        if gguf_type != "auto"
+        else {"bf16": "bf16", "fp32": "f32"}.get(saved_dtype(source.model_dir), "f16")
+    )
+
+    net, tok, template = load_tuned(source, console, trust_remote_code)
+    gguf_vocab.tokenizer_kind(tok)  # an unsupported tokenizer fails before anything is written
+    name = f"model-{target}.gguf"
+    stop_ids = template.stop_token_ids()
+    family = None
+    chat_template = gguf_vocab.chat_template_for(template)
+    if fmt == "ollama" and chat_template:
+        stops = [tok.convert_ids_to_tokens(i) for i in stop_ids]
+
+        def render_jinja(messages: list[dict[str, str]], prompt: bool) -> str:
+            return tok.apply_chat_template(
+                messages, chat_template=chat_template, tokenize=False, add_generation_prompt=prompt
+            )
+
+        family = ollama.find_family(render_jinja, stops)
+
+    def fill(tmp: Path) -> None:
+        tok.save_pretrained(str(tmp / "tokenizer"))  # what gguf.SpecialVocab reads the merges from
+        metadata = gguf_vocab.tokenizer_metadata(
+            tok, template, tmp / "tokenizer", net.config.vocab_size, config.get("model_type", "")
+        )
+        total = sum(p.numel() * p.element_size() for p in net.state_dict().values())
+        columns = ("{task.description}", BarColumn(), DownloadColumn(), TimeRemainingColumn())
+        with Progress(*columns, console=console, transient=True) as bar:
+            task = bar.add_task(f"writing {name}", total=total)
+            gguf_export.write_gguf(tmp / name, net, arch, target, metadata, lambda n: bar.advance(task, n))
+        shutil.rmtree(tmp / "tokenizer")
+        if fmt == "ollama":
+            stops = [tok.convert_ids_to_tokens(i) for i in stop_ids]
+            text = ollama.modelfile(name, family and family[0], family and family[1], stops, Sampling())
+            (tmp / "Modelfile").write_text(text, encoding="utf-8")
+        (tmp / "chattune.json").write_text(_record(source, format=fmt, gguf_type=target), encoding="utf-8")
+
+    write_atomically(output, fill)
+    console.print(
+        f"[bold green]Exported[/] {arch} {target} GGUF → {output / name} (template {template.name})"
+    )
+    if fmt == "ollama":
+        if family is None:
+            console.print(
+                f"[yellow]The Modelfile has no TEMPLATE:[/] template {template.name} is not one chattune writes "
+                "in Ollama's template language (ChatML, Llama 3, ChatGLM3); add one before `ollama create`"
+            )
+        console.print(f"run it with: ollama create NAME -f {output / 'Modelfile'} && ollama run NAME")
+    return output / name
