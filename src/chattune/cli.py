@@ -162,12 +162,29 @@ def web(
         Path, typer.Option("--workspace", help="folder with runs/, data/, labels.sqlite")
     ] = Path("workspace"),
     port: Annotated[int, typer.Option("--port")] = 8501,
-    host: Annotated[str, typer.Option("--host")] = "127.0.0.1",
+    host: Annotated[
+        str, typer.Option("--host", help="address to bind; anything but loopback requires signing in")
+    ] = "127.0.0.1",
+    login: Annotated[
+        bool | None, typer.Option("--login/--no-login", help="require signing in (default: beyond loopback)")
+    ] = None,
+    token_file: Annotated[
+        Path | None,
+        typer.Option(
+            help="`admin: TOKEN` / `annotator: TOKEN` lines (else $CHATTUNE_WEB_ADMIN_TOKEN etc., else new)"
+        ),
+    ] = None,
+    session_hours: Annotated[float, typer.Option(min=0.1, help="how long a sign-in lasts")] = 12.0,
 ) -> None:
-    """Start the web app: labeling, training monitor, playground."""
+    """Start the web app: labeling, training monitor, playground (sign-in with roles beyond loopback)."""
+    from chattune.system import is_loopback
     from chattune.web.launch import run_web
 
-    run_web(workspace, host=host, port=port)
+    if login is False and not is_loopback(host):
+        raise ConfigError(
+            f"--no-login is refused on {host}: beyond loopback the app always requires signing in"
+        )
+    run_web(workspace, host=host, port=port, login=login, token_file=token_file, session_hours=session_hours)
 
 
 @app.command()

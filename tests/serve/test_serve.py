@@ -22,7 +22,7 @@ from chattune.data.schema import Conversation, Message, ToolCall
 from chattune.errors import ConfigError
 from chattune.infer.engine import Engine, load_engine
 from chattune.serve import ServeLimits, run_server
-from chattune.serve.server import is_loopback
+from chattune.system import is_loopback
 
 KEY = "sk-test-0123456789"
 HELLO = [{"role": "user", "content": "Hello! How can I help you today?"}]

@@ -8,6 +8,21 @@ from pathlib import Path
 
 import pytest
 
+LOOPBACK = "127.0.0.1"
+
+
+@pytest.fixture(autouse=True)
+def _served_on_loopback():
+    """AppTest runs the pages in this process: tell them they are served on loopback (no sign-in), as
+    `chattune web` does by default. Tests of the sign-in write the workspace's auth settings instead."""
+    from streamlit import config
+
+    before = config.get_option("server.address")
+    config.set_option("server.address", LOOPBACK)
+    yield
+    config.set_option("server.address", before)
+
+
 TOOL_PROMPT = "What is the weather in Paris?"
 TOOL_OBSERVATION = "sunny, 21 degrees"
 TOOL_ANSWER = "It is sunny."

@@ -1,4 +1,5 @@
-"""`chattune export`: fold a LoRA adapter into its base and write a standalone model dir (transformers, GGUF,\nor GGUF + Ollama Modelfile)."""
+"""`chattune export`: fold a LoRA adapter into its base and write a standalone model: a transformers dir, a
+GGUF, or a GGUF with an Ollama Modelfile."""
 
 from __future__ import annotations
 

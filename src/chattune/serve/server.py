@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ipaddress
 import sys
 
 import uvicorn
@@ -11,16 +10,7 @@ from fastapi import FastAPI
 from chattune.errors import ConfigError
 from chattune.infer.engine import Engine
 from chattune.serve.app import ServeLimits, create_app
-
-
-def is_loopback(host: str) -> bool:
-    """Whether only this machine can reach `host` (localhost, 127.0.0.0/8, ::1)."""
-    if host.lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:  # a hostname other than localhost may resolve to anything
-        return False
+from chattune.system import is_loopback
 
 
 def refuse_unsafe_bind(host: str, api_key: str | None, insecure: bool) -> None:

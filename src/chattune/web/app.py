@@ -4,17 +4,48 @@ from __future__ import annotations
 
 import streamlit as st
 
-from chattune.web.nav import pages
+from chattune.web.auth import PAGES, Role
+from chattune.web.i18n import language_switch, t
+from chattune.web.nav import ICONS, TITLES, link
+from chattune.web.session import session_role, sign_in, sign_out_button
+from chattune.web.views import labeling, monitor, playground
 from chattune.web.workspace import current
+
+VIEWS = {"labeling": labeling.page, "monitor": monitor.page, "playground": playground.page}
+
+
+def navigation(role: Role) -> list[st.Page]:
+    """Every page by its own address; a hidden home page at the root opens the role's first page.
+
+    Pages a role may not open stay registered but hidden, so their address shows the page's own refusal
+    rather than Streamlit's "page not found"."""
+
+    def home() -> None:
+        st.switch_page(link(PAGES[role][0]))
+
+    pages = [st.Page(home, title="chattune", url_path="home", default=True, visibility="hidden")]
+    for name, view in VIEWS.items():
+        visible = "visible" if name in PAGES[role] else "hidden"
+        pages.append(
+            st.Page(view, title=t(TITLES[name]), icon=ICONS[name], url_path=name, visibility=visible)
+        )
+    return pages
 
 
 def main() -> None:
-    """Set up the page and route to the chosen page."""
+    """Set up the page, sign in where needed, and route to the chosen page."""
     st.set_page_config(page_title="chattune", layout="wide")
     ws = current()
-    nav = st.navigation(pages())
-    st.sidebar.caption(f"workspace: {ws.root}")
-    nav.run()
+    language_switch()
+    role = session_role(ws)
+    if role is None:
+        sign_in(ws)
+        return
+    chosen = st.navigation(navigation(role))
+    st.sidebar.caption(t("workspace: {root}", root=ws.root))
+    st.sidebar.caption(t("signed in as {role}", role=t(role)))
+    sign_out_button(ws)
+    chosen.run()
 
 
 main()

@@ -1,21 +1,28 @@
-"""The app's pages as st.Page objects, so pages can link to each other (with query parameters) and to the nav."""
+"""The app's page addresses and titles, and links to them, for pages that point to each other.
+
+Streamlit knows a page by its url_path, so a link built here is the page app.py registered under that path;
+the views link through this module without importing one another or the app.
+"""
 
 from __future__ import annotations
 
 import streamlit as st
 
+from chattune.web.i18n import t
+
+# url_path -> title (English; shown through t()), in the order the sidebar lists them
 TITLES = {"labeling": "Labeling", "monitor": "Training monitor", "playground": "Playground"}
+ICONS = {
+    "labeling": ":material/edit_note:",
+    "monitor": ":material/monitoring:",
+    "playground": ":material/chat:",
+}
 
 
-def page(name: str) -> st.Page:
-    """The st.Page for `name` (labeling, monitor or playground); equal objects each call, same url_path."""
-    # imported here: the views import this module to link to each other
-    from chattune.web.views import labeling, monitor, playground
-
-    views = {"labeling": labeling.page, "monitor": monitor.page, "playground": playground.page}
-    return st.Page(views[name], title=TITLES[name], url_path=name, default=name == "labeling")
+def _registered_elsewhere() -> None:
+    raise RuntimeError("a link page runs only through the page app.py registered under the same url_path")
 
 
-def pages() -> list[st.Page]:
-    """Every page, in the order the sidebar lists them."""
-    return [page(n) for n in TITLES]
+def link(name: str) -> st.Page:
+    """The page `name` (labeling, monitor, playground) for st.page_link / st.switch_page."""
+    return st.Page(_registered_elsewhere, title=t(TITLES[name]), icon=ICONS[name], url_path=name)

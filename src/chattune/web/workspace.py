@@ -200,11 +200,21 @@ class Workspace:
             raise ValueError(f"the config is not valid YAML: {e}") from None
         if not isinstance(values, dict):
             raise ValueError("the config must be a YAML mapping of key: value")
+        if values.get("trust_remote_code"):
+            raise ValueError(
+                "trust_remote_code runs code shipped with a model; it cannot be switched on from the web app. "
+                "Start such a run with `chattune train` on the server, where you can read that code first."
+            )
         for key in PATH_KEYS:
             if isinstance(values.get(key), str):
                 self.resolve(values[key])  # raises for paths outside
-        if isinstance(values.get("model"), str):
-            self.model_source(values["model"])
+        for key in ("model", "tokenizer"):
+            if isinstance(values.get(key), str):
+                self.model_source(values[key])
+        if isinstance(values.get("deepspeed"), str) and values["deepspeed"] not in ("zero2", "zero3"):
+            self.resolve(values["deepspeed"])
+        if isinstance(values.get("resume"), str) and values["resume"] != "auto":
+            self.resolve(values["resume"])
         # the run's output always goes to runs/NAME/output, whatever the config says
         values["output_dir"] = str(Path("runs") / name / OUTPUT_DIR)
         return build_config(values, f"config for run {name}")

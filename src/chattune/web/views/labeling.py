@@ -15,6 +15,7 @@ from chattune.infer.engine import Engine
 from chattune.infer.generate import Sampling
 from chattune.label.store import EXPORT_FORMATS, STATUSES, LabelStore, LabelStoreError, Record, checked_tools
 from chattune.web import nav
+from chattune.web.session import require_page
 from chattune.web.views.playground import complete, load, pick_model, prompt_ids
 from chattune.web.workspace import Workspace, current
 
@@ -178,6 +179,7 @@ def editor_section(
     author: str,
     model: tuple[str, str | None] | None = None,
     sampling: Sampling | None = None,
+    can_prefill: bool = True,
 ) -> None:
     """Edit the current record and decide on it."""
     # offered before anything else, so it is there even when the deleted record was the last one listed
@@ -200,7 +202,7 @@ def editor_section(
     cur = st.selectbox("Record", ids, key="pick_id", on_change=_picked)
     st.session_state["current_id"] = cur
     rec = store.get(cur)
-    if button(
+    if can_prefill and button(  # admins only: choosing and loading models is theirs
         "Prefill from model",
         f"prefill_{rec.id}",
         help="draft the output with the model chosen in the sidebar",
@@ -261,7 +263,7 @@ def editor_section(
         st.rerun()
 
 
-def export_section(ws: Workspace, store: LabelStore) -> None:
+def export_section(ws: Workspace, store: LabelStore, can_train: bool = True) -> None:
     """Export accepted records as training data."""
     st.subheader("Export accepted records")
     col_fmt, col_path = st.columns([1, 2])
@@ -280,23 +282,24 @@ def export_section(ws: Workspace, store: LabelStore) -> None:
             # "train on this": the monitor page reads this prefill when it builds its config editor
             st.session_state["prefill_train_file"] = ws.relative(ws.resolve(path_text))
             st.session_state["prefill_format"] = fmt
-    if train_file := st.session_state.get("prefill_train_file"):
+    if can_train and (train_file := st.session_state.get("prefill_train_file")):
         # the prefill also rides in the URL, so the monitor opened in a new tab or refreshed still has it
-        st.page_link(nav.page("monitor"), label=f"Train on this: {train_file} →", icon=":material/model_training:",
+        st.page_link(nav.link("monitor"), label=f"Train on this: {train_file} →", icon=":material/model_training:",
                      query_params={"train_file": train_file, "format": st.session_state.get("prefill_format", "auto")})  # fmt: skip
 
 
 def page() -> None:
     """The labeling page."""
     ws = current()
+    admin = require_page(ws, "labeling") == "admin"
     st.title("Labeling")
     store = ws.store()
     author = author_name()
-    model, sampling = prefill_model(ws)
+    model, sampling = prefill_model(ws) if admin else (None, Sampling())
     counts_box = st.container()  # drawn last, so the counts include this run's changes
     import_section(ws, store, author)
     add_section(store, author)
     records = browse_section(store)
-    editor_section(store, records, author, model, sampling)
-    export_section(ws, store)
+    editor_section(store, records, author, model, sampling, can_prefill=admin)
+    export_section(ws, store, can_train=admin)
     show_counts(store, counts_box)

@@ -8,6 +8,7 @@ import streamlit as st
 from chattune.errors import ConfigError
 from chattune.train.callbacks import format_eta
 from chattune.web import nav
+from chattune.web.session import require_page
 from chattune.web.workspace import CONFIG_FILE, RunInfo, Workspace, current
 
 REFRESH_S = 2.0  # how often a running run's page redraws itself from its files
@@ -102,7 +103,7 @@ def run_details(ws: Workspace, info: RunInfo) -> None:
     if info.status == "finished":
         final = ws.relative(info.output / "final")
         base = _base_model(info)
-        st.page_link(nav.page("playground"), label=f"Chat with {final} in the playground →", icon=":material/chat:",
+        st.page_link(nav.link("playground"), label=f"Chat with {final} in the playground →", icon=":material/chat:",
                      query_params={"adapter": final, **({"base": base} if base else {})})  # fmt: skip
     st.text("log (last lines)")
     st.code(ws.log_tail(info.name) or "(no log)", language=None)
@@ -190,6 +191,7 @@ def start_section(ws: Workspace) -> None:
 def page() -> None:
     """The training monitor page."""
     ws = current()
+    require_page(ws, "monitor")
     st.title("Training monitor")
     runs = ws.runs()
     if runs:

@@ -17,6 +17,7 @@ from chattune.data.templates import ParsedReply
 from chattune.infer.chat import parse_tools, reply_messages
 from chattune.infer.engine import Engine
 from chattune.infer.generate import Sampling, generate_batch, stream
+from chattune.web.session import require_page
 from chattune.web.workspace import Workspace, current
 
 NO_ADAPTER = "(none: base model only)"
@@ -324,6 +325,7 @@ def compare_mode(base: str, adapter: str | None, sampling: Sampling) -> None:
 def page() -> None:
     """The playground page."""
     ws = current()
+    require_page(ws, "playground")
     st.title("Playground")
     choice = pick_model(ws)
     sampling = sampling_controls()
