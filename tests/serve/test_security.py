@@ -198,3 +198,36 @@ def test_request_limits_on_streamed_and_unauthenticated_bodies(engine, serving):
         # just under the limit is still served
         small = httpx.post(url, json={"messages": HELLO, "max_tokens": 2}, headers=headers, timeout=60)
         assert small.status_code == 200, small.text
+
+
+# ---------------------------------------------------------------- it stops when told
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP], ids=lambda s: s.name)
+def test_cli_server_stops_on_signal_even_mid_generation(tiny_model_dir, tmp_path, sig):
+    """`kill` (TERM), Ctrl-C (INT) or a closed terminal (HUP) end `chattune serve` within seconds, also while a
+    streamed reply is being generated (a random model talking until its token budget runs out), and free the
+    port."""
+    from tests.lifecycle import assert_stops, start
+
+    port = free_port()
+    cmd = [sys.executable, "-m", "chattune", "serve", "--model", str(tiny_model_dir), "--port", str(port)]
+    proc = start(cmd, f"http://127.0.0.1:{port}/health", tmp_path / "serve.log", env=cli_env())
+    body = {"model": "tiny", "messages": HELLO, "stream": True, "max_tokens": 100_000}
+    streamed = threading.Event()
+
+    def ask() -> None:
+        try:
+            with httpx.stream(
+                "POST", f"http://127.0.0.1:{port}/v1/chat/completions", json=body, timeout=60
+            ) as r:
+                for _ in r.iter_lines():
+                    streamed.set()
+        except httpx.HTTPError:
+            pass  # the server went away mid-reply, as it should
+
+    client = threading.Thread(target=ask, daemon=True)
+    client.start()
+    assert streamed.wait(60), (tmp_path / "serve.log").read_text()
+    assert_stops(proc, sig, port, within_s=10)
+    client.join(10)

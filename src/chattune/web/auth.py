@@ -7,7 +7,9 @@ themselves come from the environment, a file, or are generated and printed once;
 which any user of the machine can read in `ps`.
 
 A signed-in session holds its role and expiry signed with the server's key, so nothing a client sends (widget
-values, query parameters) and nothing written into session state without the key can make a session an admin.
+values, query parameters, a cookie) and nothing written into session state without the key can make a session an
+admin. The browser keeps the signed session in a cookie (SameSite=Strict), so a reload or a page opened by its
+address stays signed in until it expires; a new launch has a new key, which ends every earlier session.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ TOKEN_ENV = {"admin": "CHATTUNE_WEB_ADMIN_TOKEN", "annotator": "CHATTUNE_WEB_ANN
 AUTH_DIR = ".chattune-web"
 AUTH_FILE = "auth.json"
 SESSION_KEY = "chattune_session"  # no widget uses this key, so no client message can set it
+COOKIE = "chattune_session"  # the same signed session in the browser, so that a reload stays signed in
 FAILED_SIGN_IN_DELAY_S = 1.0  # slows guessing down; tokens carry 128 random bits anyway
 MIN_TOKEN_CHARS = 12
 
@@ -151,6 +154,21 @@ class Auth:
         if not hmac.compare_digest(mac, self._mac(role, expires)):
             return None
         return role if (time.time() if now is None else now) < expires else None
+
+    def to_cookie(self, session: dict[str, Any]) -> str:
+        """A signed session as one cookie value (`role.expires.mac`), so a reload keeps the sign-in."""
+        return f"{session['role']}.{session['expires']}.{session['mac']}"
+
+    def from_cookie(self, value: str | None, now: float | None = None) -> dict[str, Any] | None:
+        """The session a cookie carries, if this server signed it and it has not expired; else None."""
+        if not isinstance(value, str):
+            return None
+        role, _, rest = value.partition(".")
+        expires, _, mac = rest.partition(".")
+        if not expires.isdigit():
+            return None
+        session = {"role": role, "expires": int(expires), "mac": mac}
+        return session if self.verify(session, now) else None
 
     def _mac(self, role: str, expires: int) -> str:
         return hmac.new(self.key, f"{role}|{expires}".encode(), hashlib.sha256).hexdigest()

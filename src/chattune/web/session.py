@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import time
 
 import streamlit as st
 
 from chattune.system import is_loopback
-from chattune.web.auth import FAILED_SIGN_IN_DELAY_S, PAGES, SESSION_KEY, Auth, Role
+from chattune.web.auth import COOKIE, FAILED_SIGN_IN_DELAY_S, PAGES, SESSION_KEY, Auth, Role
 from chattune.web.i18n import t
 from chattune.web.workspace import Workspace
 
@@ -29,11 +30,26 @@ def session_role(ws: Workspace) -> Role | None:
                    address=address or "0.0.0.0"))  # fmt: skip
         st.stop()
     session = st.session_state.get(SESSION_KEY)
+    # a new browser session (a reload, a page opened by its address) takes the cookie's, unless this session
+    # signed out: its cookies were read when it connected, so they still hold the old one
+    if session is None and not st.session_state.get("signed_out"):
+        session = auth.from_cookie(st.context.cookies.get(COOKIE))
+        if session is not None:
+            st.session_state[SESSION_KEY] = session
     role = auth.verify(session)
     if role is None and session is not None:
         st.session_state.pop(SESSION_KEY, None)
         st.session_state["session_expired"] = True
     return role
+
+
+def _set_cookie(value: str, max_age_s: int) -> None:
+    """Set (or, with max_age_s 0, clear) the session cookie from the page: Streamlit has no call for it, and
+    its HTML component runs same-origin, so the cookie lands on the app's own address."""
+    import streamlit.components.v1 as components
+
+    cookie = f"{COOKIE}={value}; Max-Age={max_age_s}; Path=/; SameSite=Strict"
+    components.html(f"<script>document.cookie = {json.dumps(cookie)};</script>", height=0)
 
 
 def sign_in(ws: Workspace) -> None:
@@ -56,14 +72,27 @@ def sign_in(ws: Workspace) -> None:
         time.sleep(FAILED_SIGN_IN_DELAY_S)
         st.error(t("That token is not valid."))
         return
-    st.session_state[SESSION_KEY] = auth.sign(role)
+    session = st.session_state[SESSION_KEY] = auth.sign(role)
+    st.session_state["cookie"] = auth.to_cookie(session)
+    st.session_state.pop("signed_out", None)
     st.rerun()
+
+
+def sync_cookie(ws: Workspace) -> None:
+    """Write or clear the cookie that a sign-in or sign-out asked for (drawn after its rerun, on a page that
+    stays, so the script runs)."""
+    auth = Auth.load(ws.root)
+    value = st.session_state.pop("cookie", None)
+    if auth is not None and value is not None:
+        _set_cookie(value, auth.session_s if value else 0)
 
 
 def sign_out_button(ws: Workspace) -> None:
     """A sidebar button that ends the session (only where there is a login)."""
     if Auth.load(ws.root) is not None and st.sidebar.button(t("Sign out"), key="sign_out"):
         st.session_state.pop(SESSION_KEY, None)
+        st.session_state["cookie"] = ""  # cleared on the sign-in page the rerun draws
+        st.session_state["signed_out"] = True
         st.rerun()
 
 
