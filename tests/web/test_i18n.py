@@ -17,6 +17,7 @@ from chattune.label.store import STATUSES, LabelStore
 from chattune.web.auth import PAGES
 from chattune.web.i18n import LANGUAGE_KEY, ZH
 from chattune.web.nav import TITLES
+from chattune.web.views.labeling import ROLES
 from chattune.web.views.playground import MODES
 from chattune.web.workspace import Workspace
 
@@ -62,6 +63,7 @@ DYNAMIC = {
     "status",
     "correct",  # playground verdicts
     "wrong",
+    *ROLES,  # message roles in the labeling editor
 }
 
 
@@ -196,10 +198,12 @@ def test_every_t_string_has_a_translation_with_the_same_placeholders() -> None:
 # ---------------------------------------------------------------- the pages in both languages
 
 
-def _page(page: str, ws: Path, language: str) -> AppTest:
+def _page(page: str, ws: Path, language: str, **state: object) -> AppTest:
     at = AppTest.from_string(f"from chattune.web.views.{page} import page\npage()\n", default_timeout=TIMEOUT)
     at.session_state["workspace"] = str(ws)
     at.session_state[LANGUAGE_KEY] = language
+    for key, value in state.items():
+        at.session_state[key] = value
     return at.run()
 
 
@@ -237,9 +241,15 @@ def test_chinese_pages_translate_what_they_draw(tmp_path: Path) -> None:
     assert [b.label for b in at.button if b.key == "accept_1"] == ["接受"]
     assert [m.label for m in at.metric] == ["待处理", "草稿", "已接受", "已拒绝"]
     assert at.selectbox(key="filter_status").options == ["全部", "待处理", "草稿", "已接受", "已拒绝"]
-    # only the display is translated: the value stays the identifier (AppTest calls format_func outside the
-    # page's run, where t() cannot see the session's language, so the test reads values rather than set them)
+    # only the display is translated: the value stays the identifier. AppTest calls format_func outside the
+    # page's run, where t() cannot see the session's language, so in Chinese the tests read values and start
+    # a fresh run where they would set one
     assert at.selectbox(key="filter_status").value == "all"
+    at = _page("labeling", ws.root, "zh", current_id=2)  # the conversation: its turns labelled by role
+    assert not at.exception, at.exception
+    assert {"用户", "助手"} <= {c.value for c in at.caption}
+    assert at.text_area(key="ed_message_2_0").value == "天气？"
+    assert at.expander[-1].label == "以 JSON 编辑"
 
     at = _page("monitor", ws.root, "zh")
     assert at.subheader[0].value == "训练任务 done — 已完成"

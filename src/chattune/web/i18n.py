@@ -89,6 +89,18 @@ ZH: dict[str, str] = {
     "record {id} · {kind} · {status} · by {author}": "记录 {id} · {kind} · {status} · 标注人 {author}",
     "Input": "输入",
     "Messages (JSON)": "消息（JSON）",
+    "system": "系统",
+    "user": "用户",
+    "assistant": "助手",
+    "observation": "工具返回结果",
+    "Message {n} ({role})": "第 {n} 条消息（{role}）",
+    "more fields, kept as they are (change them under “Edit as JSON”): {fields}": (
+        "其他字段保持不变（可在“以 JSON 编辑”中修改）：{fields}"
+    ),
+    "The messages cannot be shown one by one: fix their JSON under “Edit as JSON”.": (
+        "无法逐条显示消息：请在“以 JSON 编辑”中修正其 JSON。"
+    ),
+    "Edit as JSON": "以 JSON 编辑",
     "not valid JSON: {error}": "不是有效的 JSON：{error}",
     "Tools (JSON)": "工具（JSON）",
     "tools: {error}": "工具：{error}",

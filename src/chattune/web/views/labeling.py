@@ -23,6 +23,9 @@ from chattune.web.workspace import Workspace, current
 # Streamlit gained button shortcuts in 1.5x; older versions reject the keyword, so pass it only when known
 _HAS_SHORTCUT = "shortcut" in inspect.signature(st.button).parameters
 SHORTCUTS = {"accept": "Ctrl+Enter", "reject": "Ctrl+Shift+Enter", "next": "Ctrl+Shift+K"}
+# the roles a stored message has (a tool call is one "tool" message holding its observation); shown through t()
+ROLES = ("system", "user", "assistant", "tool", "observation")
+AVATARS = {"system": ":material/settings:", "tool": ":material/build:", "observation": ":material/build:"}
 
 
 def button(label: str, key: str, shortcut: str | None = None, **kwargs: Any) -> bool:
@@ -177,9 +180,98 @@ def prefill(store: LabelStore, rec: Record, model: tuple[str, str | None] | None
     if rec.kind == "instruction":
         st.session_state[f"ed_output_{rec.id}"] = rec.output
     else:
-        st.session_state[f"ed_messages_{rec.id}"] = json.dumps(rec.messages, ensure_ascii=False, indent=1)
+        load_messages(rec.id, rec.messages)
     st.toast(t("record {id}: drafted by {model}", id=rec.id, model=engine.name))
     return rec
+
+
+def _json_key(rid: int) -> str:
+    return f"ed_messages_{rid}"
+
+
+def _message_key(rid: int, i: int) -> str:
+    return f"ed_message_{rid}_{i}"
+
+
+def _dumps(messages: Any) -> str:
+    return json.dumps(messages, ensure_ascii=False, indent=1)  # Chinese stays readable and unchanged
+
+
+def _message_list(text: str) -> list[dict[str, Any]] | None:
+    """The messages in the JSON editor's text, or None when it is not a JSON list of objects."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        return None
+    return value if isinstance(value, list) and all(isinstance(m, dict) for m in value) else None
+
+
+def load_messages(rid: int, messages: list[dict[str, Any]]) -> None:
+    """Show `messages` in record `rid`'s editors (the JSON text and one box per message with text)."""
+    st.session_state[_json_key(rid)] = _dumps(messages)
+    for i, m in enumerate(messages):
+        if isinstance(m.get("content"), str):
+            st.session_state[_message_key(rid, i)] = m["content"]
+
+
+def _json_edited(rid: int) -> None:
+    """The JSON was edited: the message boxes follow it (when it parses)."""
+    messages = _message_list(st.session_state[_json_key(rid)])
+    if messages is not None:
+        load_messages(rid, messages)
+
+
+def _message_edited(rid: int, i: int) -> None:
+    """One message's text was edited: write it into the JSON, leaving the message's other fields as they are."""
+    messages = _message_list(st.session_state[_json_key(rid)])
+    if messages is not None and i < len(messages):
+        messages[i] = messages[i] | {"content": st.session_state[_message_key(rid, i)]}
+        st.session_state[_json_key(rid)] = _dumps(messages)
+
+
+def _message_box(rid: int, i: int, m: dict[str, Any]) -> None:
+    """One message as a chat turn: its role, its text to edit, and its other fields (tool calls) as they are."""
+    role = str(m.get("role", ""))
+    shown_role = t(role) if role in ROLES else role
+    with st.chat_message(role or "?", avatar=AVATARS.get(role)):
+        st.caption(shown_role)
+        if isinstance(m.get("content"), str):
+            key = _message_key(rid, i)
+            if key not in st.session_state:
+                st.session_state[key] = m["content"]
+            # tall enough for the text (long lines wrap) so a turn reads without scrolling, up to a limit
+            lines = st.session_state[key].count("\n") + 1 + len(st.session_state[key]) // 100
+            st.text_area(t("Message {n} ({role})", n=i + 1, role=shown_role), key=key,
+                         height=min(max(68, 26 * lines + 16), 300), label_visibility="collapsed",
+                         on_change=_message_edited, args=(rid, i))  # fmt: skip
+        if other := {k: v for k, v in m.items() if k not in ("role", "content")}:
+            st.caption(t("more fields, kept as they are (change them under “Edit as JSON”): {fields}",
+                         fields=", ".join(other)))  # fmt: skip
+            st.json(other, expanded=False)
+
+
+def conversation_editor(rec: Record) -> dict[str, Any]:
+    """A conversation's messages as chat turns, each text editable, over its JSON (for adding or removing
+    messages and changing tool calls); returns the fields to save ({} when the JSON does not parse).
+
+    The JSON text is what is saved: editing a message's box writes into it, and editing it redraws the boxes,
+    so the two never disagree."""
+    if _json_key(rec.id) not in st.session_state:
+        load_messages(rec.id, rec.messages)
+    messages = _message_list(st.session_state[_json_key(rec.id)])
+    if messages is None:
+        st.warning(t("The messages cannot be shown one by one: fix their JSON under “Edit as JSON”."))
+    else:
+        for i, m in enumerate(messages):
+            _message_box(rec.id, i, m)
+    with st.expander(t("Edit as JSON")):
+        text = st.text_area(t("Messages (JSON)"), key=_json_key(rec.id), height=250,
+                            on_change=_json_edited, args=(rec.id,))  # fmt: skip
+    try:
+        return {"messages": json.loads(text)}
+    except json.JSONDecodeError as e:
+        st.error(t("not valid JSON: {error}", error=e))
+        return {}
 
 
 def editor_section(
@@ -227,13 +319,7 @@ def editor_section(
             "output": st.text_area(t("Output"), rec.output, key=f"ed_output_{rec.id}", height=150),
         }
     else:
-        text = st.text_area(t("Messages (JSON)"), json.dumps(rec.messages, ensure_ascii=False, indent=1),
-                            key=f"ed_messages_{rec.id}", height=250)  # fmt: skip
-        try:
-            fields = {"messages": json.loads(text)}
-        except json.JSONDecodeError as e:
-            st.error(t("not valid JSON: {error}", error=e))
-            fields = {}
+        fields = conversation_editor(rec)
         if rec.tools:  # a tool-use conversation: its tool definitions, editable beside the messages
             tools_text = st.text_area(t("Tools (JSON)"), json.dumps(rec.tools, ensure_ascii=False, indent=1),
                                       key=f"ed_tools_{rec.id}", height=150)  # fmt: skip
