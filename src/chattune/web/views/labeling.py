@@ -247,7 +247,8 @@ def _message_box(rid: int, i: int, m: dict[str, Any]) -> None:
         if other := {k: v for k, v in m.items() if k not in ("role", "content")}:
             st.caption(t("more fields, kept as they are (change them under “Edit as JSON”): {fields}",
                          fields=", ".join(other)))  # fmt: skip
-            st.json(other, expanded=False)
+            # a tool call has no text of its own: its fields are the message, so they show open
+            st.json(other, expanded=not isinstance(m.get("content"), str))
 
 
 def conversation_editor(rec: Record) -> dict[str, Any]:
