@@ -106,6 +106,55 @@ def test_labeling_page_edits_the_tools_of_a_tool_conversation(tmp_path: Path) ->
     assert not [t for t in at.text_area if t.key == f"ed_tools_{plain}"]  # no tools box without tools
 
 
+def test_labeling_edits_a_message_of_a_conversation_in_its_own_box(tmp_path: Path) -> None:
+    ws = Workspace(tmp_path / "ws")
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Weather in Paris?", "metadata": "m1"},
+        {"role": "tool", "name": "get_weather", "parameters": {"city": "Paris"}, "observation": "晴，21 度"},
+        {"role": "assistant", "content": "Sunny.", "loss": False},
+    ]
+    tools = [{"name": "get_weather", "parameters": {}}]
+    rid = LabelStore(ws.labels_path).add(messages=messages, tools=tools)
+    at = _app("labeling", ws.root)
+    # one box per message with text, labelled by its role; the tool call (no text) is shown, not a box
+    assert [at.text_area(key=f"ed_message_{rid}_{i}").value for i in (0, 1, 3)] == [
+        "Be brief.",
+        "Weather in Paris?",
+        "Sunny.",
+    ]
+    assert not [a for a in at.text_area if a.key == f"ed_message_{rid}_2"]
+    assert [c.value for c in at.caption][1:5] == [
+        "system",
+        "user",
+        "more fields, kept as they are (change them under “Edit as JSON”): metadata",
+        "tool",
+    ]
+    at.text_area(key=f"ed_message_{rid}_3").set_value("你好，世界").run()
+    assert not at.exception, at.exception
+    shown = json.loads(at.text_area(key=f"ed_messages_{rid}").value)  # the JSON editor follows the box
+    assert shown[3] == {"role": "assistant", "content": "你好，世界", "loss": False}
+    assert "你好，世界" in at.text_area(key=f"ed_messages_{rid}").value  # not escaped as \\u4f60
+    _button(at, f"accept_{rid}").click().run()
+    rec = LabelStore(ws.labels_path).get(rid)
+    assert rec.status == "accepted" and rec.tools == tools
+    assert rec.messages == [*messages[:3], {"role": "assistant", "content": "你好，世界", "loss": False}]
+
+    # the JSON editor adds a message; the boxes follow it, and a box edit then keeps the added message
+    rid2 = LabelStore(ws.labels_path).add(messages=messages[:2])
+    at.run()  # the picker lists the new record
+    at.selectbox(key="pick_id").set_value(rid2).run()
+    more = [*messages[:2], {"role": "assistant", "content": "巴黎今天晴。"}]
+    at.text_area(key=f"ed_messages_{rid2}").set_value(json.dumps(more, ensure_ascii=False)).run()
+    assert at.text_area(key=f"ed_message_{rid2}_2").value == "巴黎今天晴。"
+    at.text_area(key=f"ed_message_{rid2}_0").set_value("简短回答。").run()
+    _button(at, f"draft_{rid2}").click().run()
+    assert LabelStore(ws.labels_path).get(rid2).messages == [
+        {"role": "system", "content": "简短回答。"},
+        *more[1:],
+    ]
+
+
 def _fake_run(ws: Workspace, name: str, *, finished: bool) -> Path:
     out = ws.runs_dir / name
     out.mkdir()
@@ -406,6 +455,9 @@ def test_labeling_prefill_from_model(tmp_path: Path, tiny_model_dir: Path) -> No
     assert conv.status == "draft" and conv.messages[0] == {"role": "user", "content": "hi"}
     assert len(conv.messages) == 2 and conv.messages[1]["role"] == "assistant"
     assert json.loads(at.text_area(key=f"ed_messages_{cid}").value) == conv.messages
+    assert (
+        at.text_area(key=f"ed_message_{cid}_1").value == conv.messages[1]["content"]
+    )  # the draft's turn too
 
 
 # ---------------------------------------------------------------- monitor: live refresh, survives a refresh

@@ -17,11 +17,12 @@ from chattune.data.templates import ParsedReply
 from chattune.infer.chat import parse_tools, reply_messages
 from chattune.infer.engine import Engine
 from chattune.infer.generate import Sampling, generate_batch, stream
+from chattune.web.i18n import t
 from chattune.web.session import require_page
 from chattune.web.workspace import Workspace, current
 
-NO_ADAPTER = "(none: base model only)"
-MODES = ["chat", "tool", "raw generate", "side by side"]
+NO_ADAPTER = "(none: base model only)"  # an option value; shown through t()
+MODES = ["chat", "tool", "raw generate", "side by side"]  # option values; shown through t()
 DEFAULT_BASE = "smollm2-135m-instruct"
 DEFAULT_TOOLS = json.dumps(
     [
@@ -39,7 +40,8 @@ DEFAULT_TOOLS = json.dumps(
 )
 
 
-@st.cache_resource(max_entries=2, show_spinner="loading the model…")
+# the spinner is load()'s: a decorator's text is fixed at import, before any session has a language
+@st.cache_resource(max_entries=2, show_spinner=False)
 def _engine(base: str, adapter: str | None) -> Engine:
     """A loaded model, shared by every session (loading takes long; two kept for base vs tuned)."""
     from chattune.infer.engine import load_engine
@@ -50,24 +52,26 @@ def _engine(base: str, adapter: str | None) -> Engine:
 def load(base: str, adapter: str | None) -> Engine | None:
     """The cached engine for (base, adapter), or None after showing why it could not be loaded."""
     try:
-        return _engine(base, adapter)
+        # st.spinner waits a moment before it shows, so a cached model draws no spinner
+        with st.spinner(t("loading the model…")):
+            return _engine(base, adapter)
     except Exception as e:  # any loading failure is shown on the page rather than crashing the app
-        st.error(f"could not load the model: {e}")
+        st.error(t("could not load the model: {error}", error=e))
         return None
 
 
 def sampling_controls(prefix: str = "") -> Sampling:
     """Sidebar widgets for how tokens are picked (`prefix` keeps keys apart between pages)."""
     sb = st.sidebar
-    do_sample = sb.toggle("Sample (off: greedy)", False, key=f"{prefix}do_sample")
+    do_sample = sb.toggle(t("Sample (off: greedy)"), False, key=f"{prefix}do_sample")
     return Sampling(
-        max_new_tokens=sb.slider("Max new tokens", 8, 1024, 128, key=f"{prefix}max_new_tokens"),
+        max_new_tokens=sb.slider(t("Max new tokens"), 8, 1024, 128, key=f"{prefix}max_new_tokens"),
         temperature=sb.slider(
-            "Temperature", 0.05, 2.0, 0.7, key=f"{prefix}temperature", disabled=not do_sample
+            t("Temperature"), 0.05, 2.0, 0.7, key=f"{prefix}temperature", disabled=not do_sample
         ),
-        top_p=sb.slider("Top p", 0.05, 1.0, 0.9, key=f"{prefix}top_p", disabled=not do_sample),
+        top_p=sb.slider(t("Top p"), 0.05, 1.0, 0.9, key=f"{prefix}top_p", disabled=not do_sample),
         do_sample=do_sample,
-        seed=int(sb.number_input("Seed", 0, 2**31 - 1, 0, key=f"{prefix}seed")),
+        seed=int(sb.number_input(t("Seed"), 0, 2**31 - 1, 0, key=f"{prefix}seed")),
     )
 
 
@@ -79,10 +83,11 @@ def pick_model(ws: Workspace, prefix: str = "") -> tuple[str, str | None] | None
     sb = st.sidebar
     adapters = [NO_ADAPTER, *ws.adapters()]
     wanted = st.query_params.get("adapter")
-    base_text = sb.text_input("Base model", st.query_params.get("base", DEFAULT_BASE), key=f"{prefix}base_model",
-                              help="a model directory inside the workspace, or a hub id / alias")  # fmt: skip
+    base_text = sb.text_input(t("Base model"), st.query_params.get("base", DEFAULT_BASE), key=f"{prefix}base_model",
+                              help=t("a model directory inside the workspace, or a hub id / alias"))  # fmt: skip
     index = adapters.index(wanted) if wanted in adapters else 0
-    adapter = sb.selectbox("Adapter", adapters, index=index, key=f"{prefix}adapter")
+    adapter = sb.selectbox(t("Adapter"), adapters, index=index, key=f"{prefix}adapter",
+                         format_func=lambda a: t("(none: base model only)") if a == NO_ADAPTER else a)  # fmt: skip
     try:
         base = ws.model_source(base_text)
         adapter_path = None if adapter == NO_ADAPTER else str(ws.resolve(adapter))
@@ -131,7 +136,7 @@ def send_to_labeling(ws: Workspace, status: str = "pending", **record: Any) -> i
     rid = ws.store().add(
         **record, status=status, author=st.session_state.get("author", ""), source="playground"
     )
-    st.toast(f"sent to labeling as record {rid}")
+    st.toast(t("sent to labeling as record {id}", id=rid))
     return rid
 
 
@@ -140,28 +145,28 @@ def feedback(ws: Workspace, key: str, make_record: Callable[[str | None], dict[s
 
     `make_record(answer)` builds the label record's fields with `answer` as the assistant's output.
     """
-    st.caption("Was the last answer right?")
+    st.caption(t("Was the last answer right?"))
     correction = st.text_area(
-        "Correction (the answer it should have given)", key=f"{key}_correction", height=68
+        t("Correction (the answer it should have given)"), key=f"{key}_correction", height=68
     )
     col_ok, col_wrong = st.columns(2)
     verdict = None
-    if col_ok.button("Correct", key=f"{key}_correct", icon=":material/thumb_up:"):
+    if col_ok.button(t("Correct"), key=f"{key}_correct", icon=":material/thumb_up:"):
         verdict = "correct"
-    if col_wrong.button("Wrong", key=f"{key}_wrong", icon=":material/thumb_down:"):
+    if col_wrong.button(t("Wrong"), key=f"{key}_wrong", icon=":material/thumb_down:"):
         if not correction.strip():
-            st.error("type the answer it should have given in Correction, then press Wrong")
+            st.error(t("type the answer it should have given in Correction, then press Wrong"))
             return
         verdict = "wrong"
     if verdict is None:
         if done := st.session_state.get(f"{key}_feedback"):
-            st.success(f"marked {done[0]}; label record {done[1]}")
+            st.success(t("marked {verdict}; label record {id}", verdict=t(done[0]), id=done[1]))
         return
     # a confirmed answer is ready to train on; a corrected one waits for review on the labeling page
     fields = make_record(None) if verdict == "correct" else make_record(correction)
     rid = send_to_labeling(ws, "accepted" if verdict == "correct" else "pending", **fields)
     st.session_state[f"{key}_feedback"] = (verdict, rid)
-    st.success(f"marked {verdict}; label record {rid}")
+    st.success(t("marked {verdict}; label record {id}", verdict=t(verdict), id=rid))
 
 
 # ---------------------------------------------------------------- modes
@@ -173,18 +178,18 @@ def _history() -> list[dict[str, str]]:
 
 def chat_mode(ws: Workspace, engine: Engine, sampling: Sampling) -> None:
     """Chat with history, retry, clear, feedback and send to labeling."""
-    system = st.text_area("System prompt", "", key="system_prompt", height=68)
+    system = st.text_area(t("System prompt"), "", key="system_prompt", height=68)
     history = _history()
     for m in history:
         st.chat_message(m["role"]).write(m["content"])
     col_retry, col_clear, col_send = st.columns(3)
-    retry = col_retry.button("Retry", key="retry", disabled=not history)
-    if col_clear.button("Clear", key="clear", disabled=not history):
+    retry = col_retry.button(t("Retry"), key="retry", disabled=not history)
+    if col_clear.button(t("Clear"), key="clear", disabled=not history):
         history.clear()
         st.session_state.pop("chat_feedback", None)
         st.rerun()
     head = [{"role": "system", "content": system}] if system.strip() else []
-    if col_send.button("Send to labeling", key="send_chat", disabled=len(history) < 2):
+    if col_send.button(t("Send to labeling"), key="send_chat", disabled=len(history) < 2):
         st.session_state["sent_id"] = send_to_labeling(ws, messages=head + history)
     if history and history[-1]["role"] == "assistant":
 
@@ -193,7 +198,7 @@ def chat_mode(ws: Workspace, engine: Engine, sampling: Sampling) -> None:
             return {"messages": head + history[:-1] + [last]}
 
         feedback(ws, "chat", record)
-    prompt = st.chat_input("Message the model", key="chat_input")
+    prompt = st.chat_input(t("Message the model"), key="chat_input")
     if retry and history and history[-1]["role"] == "assistant":
         history.pop()
     elif prompt:
@@ -215,13 +220,13 @@ def _show_message(m: Message) -> None:
     """One tool-mode turn: text, a tool call as name + arguments, or an observation."""
     if m.role == "observation":
         with st.chat_message("observation", avatar=":material/build:"):
-            st.markdown(f"**observation** from `{m.tool_name or 'tool'}`")
+            st.markdown(t("**observation** from `{tool}`", tool=m.tool_name or t("tool")))
             st.code(m.content, language=None)
     elif m.tool_call is not None:
         with st.chat_message("assistant"):
             if m.content:
                 st.write(m.content)
-            st.markdown(f"**tool call:** `{m.tool_call.name}`")
+            st.markdown(t("**tool call:** `{name}`", name=m.tool_call.name))
             st.json(m.tool_call.arguments)
     else:
         st.chat_message(m.role).write(m.content)
@@ -236,39 +241,41 @@ def tool_chat_record(system: str, turns: list[Message], tools: list[dict[str, An
 
 def tool_mode(ws: Workspace, engine: Engine, sampling: Sampling) -> None:
     """Chat with tools: the model's calls are shown as name + arguments and the user types each observation."""
-    system = st.text_area("System prompt", "", key="tool_system", height=68)
+    system = st.text_area(t("System prompt"), "", key="tool_system", height=68)
     tools_text = st.text_area(
-        "Tools (JSON list of tool definitions)", DEFAULT_TOOLS, key="tools_json", height=220
+        t("Tools (JSON list of tool definitions)"), DEFAULT_TOOLS, key="tools_json", height=220
     )
     try:
         tools = parse_tools(tools_text)
     except ValueError as e:
         st.error(str(e))
         return
-    st.caption("tools offered: " + ", ".join(t.get("name") or t["function"]["name"] for t in tools))
+    names = ", ".join(tool.get("name") or tool["function"]["name"] for tool in tools)
+    st.caption(t("tools offered: {names}", names=names))
     turns: list[Message] = st.session_state.setdefault("tool_chat", [])
     for m in turns:
         _show_message(m)
     col_clear, col_send = st.columns(2)
-    if col_clear.button("Clear", key="tool_clear", disabled=not turns):
+    if col_clear.button(t("Clear"), key="tool_clear", disabled=not turns):
         turns.clear()
         st.rerun()
     answered = any(m.role == "assistant" for m in turns)
-    if col_send.button("Send to labeling", key="send_tool", disabled=not answered):
+    if col_send.button(t("Send to labeling"), key="send_tool", disabled=not answered):
         st.session_state["sent_id"] = send_to_labeling(ws, **tool_chat_record(system, turns, tools))
     waiting = pending_calls(turns)
     if waiting:
         call = waiting[0]
         # the key follows the history length, so the box is empty again for the next observation
         obs = st.text_area(
-            f"Observation for {call.name} (what the tool returned)", key=f"observation_{len(turns)}"
+            t("Observation for {name} (what the tool returned)", name=call.name),
+            key=f"observation_{len(turns)}",
         )
-        if not (st.button("Send observation", key="send_observation", type="primary") and obs.strip()):
+        if not (st.button(t("Send observation"), key="send_observation", type="primary") and obs.strip()):
             return
         turns.append(Message("observation", obs, tool_name=call.name))
         if len(waiting) > 1:
             st.rerun()  # the next call's observation first; the model answers once all are in
-    elif prompt := st.chat_input("Message the model", key="tool_input"):
+    elif prompt := st.chat_input(t("Message the model"), key="tool_input"):
         turns.append(Message("user", prompt))
         _show_message(turns[-1])
     else:
@@ -276,8 +283,8 @@ def tool_mode(ws: Workspace, engine: Engine, sampling: Sampling) -> None:
     head = [Message("system", system)] if system.strip() else []
     parsed = _stream_reply(engine, Conversation(head + turns, tools), sampling)
     if parsed.error:
-        st.session_state["tool_warning"] = (
-            f"the reply looks like a tool call but does not parse: {parsed.error}"
+        st.session_state["tool_warning"] = t(
+            "the reply looks like a tool call but does not parse: {error}", error=parsed.error
         )
     turns.extend(reply_messages(parsed))  # one history entry per call, as the terminal chat keeps them
     st.rerun()
@@ -285,14 +292,14 @@ def tool_mode(ws: Workspace, engine: Engine, sampling: Sampling) -> None:
 
 def raw_mode(ws: Workspace, engine: Engine, sampling: Sampling) -> None:
     """Raw generation with the training encoding of a prompt/response pair."""
-    prompt = st.text_area("Prompt", "", key="raw_prompt", height=120)
-    if st.button("Generate", key="generate", type="primary") and prompt.strip():
+    prompt = st.text_area(t("Prompt"), "", key="raw_prompt", height=120)
+    if st.button(t("Generate"), key="generate", type="primary") and prompt.strip():
         reply = complete(engine, engine.template.encode_prompt(Pair(prompt, "")), sampling)
         st.session_state["raw_result"] = (prompt, reply.display())
         st.session_state.pop("raw_feedback", None)
     if result := st.session_state.get("raw_result"):
-        st.text_area("Output", result[1], key="raw_output", disabled=True)
-        if st.button("Send to labeling", key="send_raw"):
+        st.text_area(t("Output"), result[1], key="raw_output", disabled=True)
+        if st.button(t("Send to labeling"), key="send_raw"):
             st.session_state["sent_id"] = send_to_labeling(ws, instruction=result[0], output=result[1])
         feedback(ws, "raw", lambda answer: {"instruction": result[0], "output": answer or result[1]})
 
@@ -300,11 +307,13 @@ def raw_mode(ws: Workspace, engine: Engine, sampling: Sampling) -> None:
 def compare_mode(base: str, adapter: str | None, sampling: Sampling) -> None:
     """The same prompt to the base model and to base + adapter, answers in two columns."""
     if adapter is None:
-        st.info("Choose an adapter in the sidebar: side by side compares the base model with base + adapter.")
+        st.info(
+            t("Choose an adapter in the sidebar: side by side compares the base model with base + adapter.")
+        )
         return
-    system = st.text_area("System prompt", "", key="compare_system", height=68)
-    prompt = st.text_area("Prompt", "", key="compare_prompt", height=100)
-    if st.button("Ask both", key="compare", type="primary") and prompt.strip():
+    system = st.text_area(t("System prompt"), "", key="compare_system", height=68)
+    prompt = st.text_area(t("Prompt"), "", key="compare_prompt", height=100)
+    if st.button(t("Ask both"), key="compare", type="primary") and prompt.strip():
         answers = {}
         for label, adapter_path in (("base", None), ("tuned", adapter)):
             engine = load(base, adapter_path)
@@ -313,27 +322,27 @@ def compare_mode(base: str, adapter: str | None, sampling: Sampling) -> None:
             answers[label] = complete(engine, prompt_ids(engine, prompt, system), sampling).display()
         st.session_state["compare_result"] = {"prompt": prompt, **answers}
     if result := st.session_state.get("compare_result"):
-        st.caption(f"prompt: {result['prompt']}")
-        for col, label, title in zip(st.columns(2), ("base", "tuned"), ("Base model", "Tuned (base + adapter)"),
+        st.caption(t("prompt: {prompt}", prompt=result["prompt"]))
+        for col, label, title in zip(st.columns(2), ("base", "tuned"), (t("Base model"), t("Tuned (base + adapter)")),
                                      strict=True):  # fmt: skip
             with col:
                 st.subheader(title)
                 with st.container(border=True, key=f"answer_{label}"):
-                    st.markdown(result[label] or "*(empty reply)*")
+                    st.markdown(result[label] or t("*(empty reply)*"))
 
 
 def page() -> None:
     """The playground page."""
     ws = current()
     require_page(ws, "playground")
-    st.title("Playground")
+    st.title(t("Playground"))
     choice = pick_model(ws)
     sampling = sampling_controls()
-    mode = st.radio("Mode", MODES, horizontal=True, key="mode")
+    mode = st.radio(t("Mode"), MODES, horizontal=True, key="mode", format_func=t)
     if choice is None:
         return
-    if not st.toggle("Load the model", key="load_model"):
-        st.info("Choose a base model and adapter in the sidebar, then switch on “Load the model”.")
+    if not st.toggle(t("Load the model"), key="load_model"):
+        st.info(t("Choose a base model and adapter in the sidebar, then switch on “Load the model”."))
         return
     if mode == "side by side":
         compare_mode(*choice, sampling)
@@ -341,13 +350,17 @@ def page() -> None:
     engine = load(*choice)
     if engine is None:
         return
-    st.caption(f"model: {engine.name}")
+    st.caption(t("model: {name}", name=engine.name))
     if warning := st.session_state.pop("tool_warning", None):
         st.warning(warning)
     if mode in ("chat", "tool") and engine.template.name == "raw":
         # a raw-template model was trained on prompt/response pairs: it has no roles to chat or call tools with
         st.error(
-            f"{engine.name} uses template 'raw' (no roles): use raw generate, or a chat model for {mode}"
+            t(
+                "{model} uses template 'raw' (no roles): use raw generate, or a chat model for {mode}",
+                model=engine.name,
+                mode=t(mode),
+            )
         )
         return
     if mode == "chat":
