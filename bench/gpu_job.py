@@ -127,7 +127,7 @@ def job(a: argparse.Namespace, run: str, checkpointing: bool | str) -> dict[str,
     values = {"model": str(a.workdir / "model"), "train_file": str(a.workdir / f"{RUNS[run]['data']}.jsonl")}
     values |= {
         "template": "chatglm3",
-        "precision": "bf16",
+        "precision": a.precision,
         "max_seq_len": a.seq,
         "max_source_len": a.seq // 2,
     }
@@ -237,14 +237,14 @@ def run_trl(a: argparse.Namespace, clock: Clock) -> dict[str, Any]:
         padding_free=True,
         use_liger_kernel=liger,
         gradient_checkpointing=False,
-        bf16=True,
+        bf16=a.precision == "bf16",
         use_cpu=a.device == "cpu",
         logging_steps=1,
         save_strategy="no",
         report_to="none",
         seed=0,
     )
-    model = load_model(cfg.model, precision="bf16")
+    model = load_model(cfg.model, precision=a.precision)
     lora = LoraConfig(
         r=8, lora_alpha=32, lora_dropout=0.1, target_modules="all-linear", task_type="CAUSAL_LM"
     )
@@ -280,7 +280,9 @@ def spawn(
     result, log = a.workdir / f"{tag}.json", a.workdir / f"{tag}.log"
     cmd = [sys.executable, __file__, "--child", "--base-run", base_run, "--result", str(result)]
     cmd += ["--workdir", str(a.workdir), "--device", a.device, "--shape", a.shape, "--seq", str(a.seq)]
-    cmd += ["--steps", str(a.steps), "--checkpointing", str(checkpointing)] + (["--cap"] if cap else [])
+    cmd += ["--precision", a.precision, "--steps", str(a.steps), "--checkpointing", str(checkpointing)] + (
+        ["--cap"] if cap else []
+    )
     env = os.environ | {
         "CHATTUNE_HOME": str(a.workdir / "home"),
         "HF_HUB_OFFLINE": "1",
@@ -322,6 +324,12 @@ def main() -> None:
         "--device", choices=("cuda", "cpu"), default="cuda" if torch.cuda.is_available() else "cpu"
     )
     p.add_argument("--runs", default=",".join([*RUNS, *CAPPED]), help="comma-separated subset")
+    p.add_argument(
+        "--precision",
+        choices=("bf16", "fp32"),
+        default="bf16",
+        help="fp32: a quick path check on AVX2-only CPUs",
+    )
     p.add_argument("--seq", type=int, default=2048, help="max sequence length (and packed row length)")
     p.add_argument("--steps", type=int, default=6, help="optimizer steps per run (the first is warm-up)")
     p.add_argument("--short-rows", type=int, default=400)
@@ -349,7 +357,9 @@ def main() -> None:
 
         n_params = sum(t.numel() for t in AutoModelForCausalLM.from_config(config).parameters())
     device = torch.cuda.get_device_name() if a.device == "cuda" else platform.processor() or "cpu"
-    print(f"{device}: GlmForCausalLM {a.shape}, {n_params / 1e9:.2f} B parameters, seq {a.seq}", flush=True)
+    print(
+        f"{device}: GlmForCausalLM {a.shape} ({n_params / 1e9:.2f} B parameters), {a.precision}, seq {a.seq}"
+    )
     results = []
     for run in runs:
         if run in CAPPED:
@@ -376,7 +386,7 @@ def main() -> None:
         except PackageNotFoundError:
             versions[package] = None
     payload = {"device": device, "versions": versions, "shape": a.shape, "parameters": n_params, "seq": a.seq}
-    payload |= {"steps": a.steps, "runs": results}
+    payload |= {"precision": a.precision, "steps": a.steps, "runs": results}
     report(results)
     if a.json:
         a.json.parent.mkdir(parents=True, exist_ok=True)

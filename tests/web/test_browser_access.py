@@ -111,9 +111,14 @@ def _body(driver) -> str:
     return driver.find_element(By.TAG_NAME, "body").text
 
 
-def _sign_in(driver, token: str) -> None:
-    _wait_text(driver, "Access token")
-    _type(driver, "Access token", token)  # Enter submits the form
+def _sign_in(driver, token: str, label: str = "Access token") -> None:
+    _wait_text(driver, label)
+    _type(driver, label, token)  # Enter submits the form
+
+
+def _cookie_set(driver, name: str) -> None:
+    """Wait until the page has stored cookie `name` (the script that sets it runs a moment after the page)."""
+    WebDriverWait(driver, WAIT_S).until(lambda d: f"{name}=" in d.execute_script("return document.cookie"))
 
 
 def _open(driver, url: str, text: str) -> None:
@@ -152,6 +157,7 @@ def _walk_annotator(url: str, ws: Path, driver, shots: Path) -> None:
     # an annotator: the monitor address refuses, no run controls anywhere
     _sign_in(driver, ANNOTATOR)
     _wait_text(driver, "This page is for admins")
+    _cookie_set(driver, "chattune_session")
     assert "Start a run" not in _body(driver) and not driver.find_elements(
         By.XPATH, "//button[.//*[text()='Start']]"
     )
@@ -182,9 +188,9 @@ def _walk_annotator(url: str, ws: Path, driver, shots: Path) -> None:
 def _walk_admin(url: str, ws: Path, driver, shots: Path) -> None:
     # a Chinese browser gets the Chinese interface; an admin may open every page by its address
     driver.get(f"{url}/monitor")
-    _wait_text(driver, "访问令牌")  # "Access token"
-    _type(driver, "访问令牌", ADMIN)
-    _wait_text(driver, "训练监控")  # "Training monitor"
+    _sign_in(driver, ADMIN, label="访问令牌")  # "Access token"
+    _wait_text(driver, "启动训练任务")  # the monitor's "Start a run"
+    _cookie_set(driver, "chattune_session")
     for page, title in (("labeling", "标注"), ("playground", "试用"), ("monitor", "训练监控")):
         _open(driver, f"{url}/{page}", title)
         assert "This page is for admins" not in _body(driver)
@@ -199,6 +205,10 @@ def _walk_admin(url: str, ws: Path, driver, shots: Path) -> None:
         )
     ).click()
     _wait_text(driver, "Labeling")
+    # the pick is kept for reloads and pages opened by address
+    WebDriverWait(driver, WAIT_S).until(
+        lambda d: "chattune_language=en" in d.execute_script("return document.cookie")
+    )
     # an admin starts a run from the monitor
     _open(driver, f"{url}/monitor", "Start a run")
     config = WebDriverWait(driver, WAIT_S).until(

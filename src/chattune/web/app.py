@@ -30,7 +30,9 @@ def navigation(ws: Workspace, role: Role | None) -> list[st.Page]:
     pages = [st.Page(home, title="chattune", url_path="home", default=True, visibility="hidden")]
     for name, view in VIEWS.items():
         visible = "visible" if name in allowed else "hidden"
-        pages.append(st.Page(view, title=t(TITLES[name]), icon=ICONS[name], url_path=name, visibility=visible))
+        pages.append(
+            st.Page(view, title=t(TITLES[name]), icon=ICONS[name], url_path=name, visibility=visible)
+        )
     return pages
 
 

@@ -2,7 +2,8 @@
 
 Every string a page shows goes through `t("English text", name=value)`: the English text is the key, the
 Chinese table below its translation (`{name}` placeholders are filled after the lookup, so word order may
-change). The language comes from the browser (`st.context.locale`) until the user picks one in the sidebar.
+change). The language comes from the browser (`st.context.locale`) until the user picks one in the sidebar; the pick is
+kept in a cookie.
 tests/web/test_i18n.py fails when a page shows a literal string without `t()` or a `t()` string has no
 translation. CLI messages stay English.
 """
@@ -13,8 +14,12 @@ from typing import Any
 
 import streamlit as st
 
+from chattune.web.cookies import read_cookie, set_cookie
+
 LANGUAGES = {"en": "English", "zh": "简体中文"}
 LANGUAGE_KEY = "ui_language"
+LANGUAGE_COOKIE = "chattune_language"
+LANGUAGE_COOKIE_S = 365 * 24 * 3600
 
 ZH: dict[str, str] = {
     # app and sign-in
@@ -213,7 +218,7 @@ ZH: dict[str, str] = {
 
 def language() -> str:
     """The session's language: the user's pick, else the browser's (Chinese for any zh locale), else English."""
-    picked = st.session_state.get(LANGUAGE_KEY)
+    picked = st.session_state.get(LANGUAGE_KEY) or read_cookie(LANGUAGE_COOKIE)
     if picked in LANGUAGES:
         return picked
     locale = (st.context.locale or "").lower()
@@ -237,6 +242,9 @@ def language_switch() -> None:
         format_func=LANGUAGES.__getitem__,
         key="language_pick",
     )
+    if st.session_state.pop("language_cookie", False):
+        set_cookie(LANGUAGE_COOKIE, current, LANGUAGE_COOKIE_S)  # drawn after the rerun, which keeps it
     if chosen != current:
         st.session_state[LANGUAGE_KEY] = chosen
+        st.session_state["language_cookie"] = True  # a reload or a page opened by address keeps the pick
         st.rerun()

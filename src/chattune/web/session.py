@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import time
 
 import streamlit as st
 
 from chattune.system import is_loopback
 from chattune.web.auth import COOKIE, FAILED_SIGN_IN_DELAY_S, PAGES, SESSION_KEY, Auth, Role
+from chattune.web.cookies import read_cookie, set_cookie
 from chattune.web.i18n import t
 from chattune.web.workspace import Workspace
 
@@ -33,7 +33,7 @@ def session_role(ws: Workspace) -> Role | None:
     # a new browser session (a reload, a page opened by its address) takes the cookie's, unless this session
     # signed out: its cookies were read when it connected, so they still hold the old one
     if session is None and not st.session_state.get("signed_out"):
-        session = auth.from_cookie(st.context.cookies.get(COOKIE))
+        session = auth.from_cookie(read_cookie(COOKIE))
         if session is not None:
             st.session_state[SESSION_KEY] = session
     role = auth.verify(session)
@@ -41,15 +41,6 @@ def session_role(ws: Workspace) -> Role | None:
         st.session_state.pop(SESSION_KEY, None)
         st.session_state["session_expired"] = True
     return role
-
-
-def _set_cookie(value: str, max_age_s: int) -> None:
-    """Set (or, with max_age_s 0, clear) the session cookie from the page: Streamlit has no call for it, and
-    its HTML component runs same-origin, so the cookie lands on the app's own address."""
-    import streamlit.components.v1 as components
-
-    cookie = f"{COOKIE}={value}; Max-Age={max_age_s}; Path=/; SameSite=Strict"
-    components.html(f"<script>document.cookie = {json.dumps(cookie)};</script>", height=0)
 
 
 def sign_in(ws: Workspace) -> None:
@@ -84,7 +75,7 @@ def sync_cookie(ws: Workspace) -> None:
     auth = Auth.load(ws.root)
     value = st.session_state.pop("cookie", None)
     if auth is not None and value is not None:
-        _set_cookie(value, auth.session_s if value else 0)
+        set_cookie(COOKIE, value, auth.session_s if value else 0)
 
 
 def sign_out_button(ws: Workspace) -> None:
