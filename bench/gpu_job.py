@@ -92,7 +92,7 @@ def glm_config(shape: str) -> Any:
 
 def prepare(a: argparse.Namespace) -> None:
     """The model dir (config + tokenizer, no weights) and the two data files in the work dir."""
-    from chattune.data.tokenizers.chatglm3 import load_chatglm3_tokenizer
+    from chattune.models.chatglm3_tokenizer import load_chatglm3_tokenizer
 
     model = a.workdir / "model"
     model.mkdir(parents=True, exist_ok=True)

@@ -10,8 +10,19 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from chattune.data.formats import FORMATS
+from chattune.data.templates import TEMPLATES
 from chattune.errors import ConfigError
+from chattune.limits import Limits
+from chattune.models.methods import METHODS
 from chattune.registry import did_you_mean
+
+# config field -> the names it accepts, read from the registry that owns them
+REGISTERED = {
+    "template": lambda: ["auto", *TEMPLATES.names()],
+    "format": lambda: ["auto", *FORMATS.names()],
+    "method": METHODS.names,
+}
 
 
 class TrainConfig(BaseModel):
@@ -23,9 +34,7 @@ class TrainConfig(BaseModel):
     model: str = Field("smollm2-135m-instruct", description="default-model alias, local model dir, or hub id")
     tokenizer: str | None = Field(None, description="tokenizer dir when it differs from the model's")
     trust_remote_code: bool = Field(False, description="run code shipped with the model (off unless asked)")
-    template: Literal["auto", "chatglm3", "hf", "raw"] = Field(
-        "auto", description="how samples become tokens"
-    )
+    template: str = Field("auto", description="how samples become tokens: auto, or a registered template")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "auto", description="auto: bf16/fp16 on GPU, fp32 on CPUs without fast bf16"
     )
@@ -41,9 +50,9 @@ class TrainConfig(BaseModel):
     train_file: str | None = Field(None, description=".json array or .jsonl training data")
     eval_file: str | None = Field(None, description="held-out data for eval loss and best/")
     test_file: str | None = Field(None, description="data for `chattune eval`")
-    format: Literal[
-        "auto", "conversations", "prompt_response", "context_target", "alpaca", "sharegpt", "openai"
-    ] = Field("auto", description="data format; auto detects it from the fields")
+    format: str = Field(
+        "auto", description="data format: auto detects it from the fields, or a registered format"
+    )
     on_bad_record: Literal["error", "skip"] = Field(
         "error", description="stop at a bad record, or skip and count"
     )
@@ -53,16 +62,18 @@ class TrainConfig(BaseModel):
     strict_fields: bool = Field(
         False, description="a message field the format does not read is an error (default: a warning)"
     )
-    max_seq_len: int = Field(2048, gt=0, description="token limit for conversations")
+    max_seq_len: int = Field(Limits.max_seq_len, gt=0, description="token limit for conversations")
     max_source_len: int = Field(
-        1024, gt=0, description="token limit for a prompt/context (prefix tokens included)"
+        Limits.max_source_len, gt=0, description="token limit for a prompt/context (prefix tokens included)"
     )
-    max_target_len: int = Field(128, gt=0, description="token limit for a response/target")
+    max_target_len: int = Field(Limits.max_target_len, gt=0, description="token limit for a response/target")
     packing: bool = Field(False, description="concatenate samples into rows without padding")
     group_by_length: bool = Field(True, description="batch samples of similar length together (less padding)")
 
     # method
-    method: Literal["lora", "ptuning_v2", "full", "freeze"] = Field("lora", description="what is trained")
+    method: str = Field(
+        "lora", description="what is trained: a registered method (lora, ptuning_v2, full, freeze)"
+    )
     lora_rank: int = Field(8, gt=0)
     lora_alpha: float = Field(32, gt=0)
     lora_dropout: float = Field(0.1, ge=0, lt=1)
@@ -126,6 +137,16 @@ class TrainConfig(BaseModel):
     )
     report_to: Literal["none", "tensorboard", "wandb"] = "none"
     deepspeed: str | None = Field(None, description="zero2 | zero3 | path to a DeepSpeed JSON")
+
+    @field_validator("template", "format", "method")
+    @classmethod
+    def _registered(cls, value: str, info: Any) -> str:
+        # the registries are the one list of names: a new template, format or method is valid here at once
+        known = REGISTERED[info.field_name]()
+        if value not in known:
+            hint = did_you_mean(value, known) if isinstance(value, str) else ""
+            raise ValueError(f"'{info.field_name}' must be one of {', '.join(known)}, not {value!r}.{hint}")
+        return value
 
     @field_validator("*", mode="before")
     @classmethod

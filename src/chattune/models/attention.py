@@ -118,7 +118,9 @@ def register_packed_attention() -> str:
     from transformers import AttentionInterface
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
-    if PACKED_ATTENTION not in AttentionInterface._global_mapping:
+    from chattune.compat.transformers import attention_registered
+
+    if not attention_registered(PACKED_ATTENTION):
         AttentionInterface.register(PACKED_ATTENTION, packed_sdpa_forward)
         ALL_MASK_ATTENTION_FUNCTIONS.register(PACKED_ATTENTION, sdpa_mask)  # padded batches still get masks
     return PACKED_ATTENTION

@@ -27,7 +27,7 @@ def resolve_path(name_or_path: str) -> str:
 
 def load_tokenizer(model: str, tokenizer: str | None = None, trust_remote_code: bool = False) -> Any:
     """The tokenizer for a model: ChatGLM3 dirs get ours (no remote code), others AutoTokenizer."""
-    from chattune.data.tokenizers.chatglm3 import is_chatglm3_tokenizer_dir, load_chatglm3_tokenizer
+    from chattune.models.chatglm3_tokenizer import is_chatglm3_tokenizer_dir, load_chatglm3_tokenizer
 
     path = resolve_path(tokenizer or model)
     if Path(path).is_dir() and is_chatglm3_tokenizer_dir(path) and not trust_remote_code:

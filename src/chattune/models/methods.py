@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from chattune.config import TrainConfig
 from chattune.errors import ConfigError
 from chattune.registry import Registry
 
-Method = Callable[[Any, TrainConfig], Any]
+if TYPE_CHECKING:
+    from chattune.config import TrainConfig
+
+Method = Callable[[Any, "TrainConfig"], Any]
 METHODS: Registry[Method] = Registry("method", ConfigError)
 
 _LAYER = re.compile(r"\.(?:layers|h|blocks|block)\.(\d+)\.")

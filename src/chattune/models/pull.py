@@ -17,40 +17,25 @@ import tempfile
 import time
 import zipfile
 from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
-from functools import partial
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
-from unittest import mock
 from urllib.parse import urlparse
 
 from rich.console import Console
 
+from chattune.atomic import replace_dir
+from chattune.compat.transformers import drop_gguf_quantization, quiet_gguf_loading, set_name_or_path
 from chattune.errors import ModelLoadError
 from chattune.models.defaults import DEFAULT_MODELS, DefaultModel
+from chattune.paths import PULLED_MARKER, is_pulled, model_dir, temp_home
 from chattune.registry import did_you_mean
 
 logger = logging.getLogger(__name__)
 
-MARKER = ".chattune-pulled.json"
 SAMPLE_PROMPT = "What is the capital of France?"
 _STALE_TMP_S = 24 * 3600
 _TRUE = {"1", "on", "yes", "true"}
-
-
-def chattune_home() -> Path:
-    """chattune's cache root: `$CHATTUNE_HOME`, default `~/.cache/chattune`."""
-    return Path(os.environ.get("CHATTUNE_HOME") or "~/.cache/chattune").expanduser()
-
-
-def model_dir(alias: str) -> Path:
-    """Where the default model `alias` lives once pulled."""
-    return chattune_home() / "models" / alias
-
-
-def is_pulled(alias: str) -> bool:
-    """Whether `alias` has been pulled completely (its marker file exists)."""
-    return (model_dir(alias) / MARKER).is_file()
 
 
 def pull_model(
@@ -62,7 +47,7 @@ def pull_model(
     if is_pulled(alias) and not force:
         return dest
     console = console or Console(stderr=True)
-    tmp_root = chattune_home() / "tmp"
+    tmp_root = temp_home()
     tmp_root.mkdir(parents=True, exist_ok=True)
     _remove_stale(tmp_root)
     work = Path(tempfile.mkdtemp(prefix=f"{alias}-", dir=tmp_root))
@@ -107,8 +92,10 @@ def pull_model(
             "sample_answer": answer,
             "timings_s": {k: round(v, 2) for k, v in timings.items()},
         }
-        (out / MARKER).write_text(json.dumps(marker, indent=2) + "\n")  # written last: the dir is complete
-        _move_into_place(out, dest, tmp_root)
+        (out / PULLED_MARKER).write_text(
+            json.dumps(marker, indent=2) + "\n"
+        )  # written last: the dir is complete
+        _move_into_place(out, dest)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     summary = ", ".join(f"{k.removesuffix('_s')} {v:.1f}s" for k, v in timings.items())
@@ -170,8 +157,8 @@ def _convert_gguf(gguf_path: Path, out: Path, alias: str) -> None:
     if hasattr(transformers, "GgufConfig"):  # transformers >= 5.x: ask for a plain dense model
         kwargs["quantization_config"] = transformers.GgufConfig(dequantize=True)
     model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, dtype=torch.float32, **kwargs)
-    _clear_gguf_quantization(model)
-    model.config._name_or_path = alias
+    drop_gguf_quantization(model)
+    set_name_or_path(model.config, alias)
     gen = model.generation_config
     if tokenizer.eos_token_id is not None:  # generation must stop at the chat turn end (<|im_end|>)
         gen.eos_token_id = model.config.eos_token_id = tokenizer.eos_token_id
@@ -184,31 +171,16 @@ def _convert_gguf(gguf_path: Path, out: Path, alias: str) -> None:
 @contextmanager
 def _quiet_progress() -> Iterator[None]:
     """Silence transformers' tqdm bars (they would garble the rich spinner), the GGUF loader's included."""
-    from transformers import modeling_gguf_pytorch_utils as gguf_utils
     from transformers.utils import logging as hf_logging
 
     bars = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()
-    legacy_bar = getattr(gguf_utils, "tqdm", None)
     try:
-        with ExitStack() as stack:
-            if legacy_bar is not None:
-                stack.enter_context(mock.patch.object(gguf_utils, "tqdm", partial(legacy_bar, disable=True)))
+        with quiet_gguf_loading():
             yield
     finally:
         if bars:
             hf_logging.enable_progress_bar()
-
-
-def _clear_gguf_quantization(model: Any) -> None:
-    """Drop the GGUF quantizer marker so `save_pretrained` writes plain safetensors (weights are dense)."""
-    quantizer = getattr(model, "hf_quantizer", None)
-    if quantizer is not None:
-        quantizer.remove_quantization_config(model)
-    for owner, attr in ((model, "hf_quantizer"), (model.config, "quantization_config")):
-        if getattr(owner, attr, None) is not None:
-            delattr(owner, attr)
-    model.is_quantized = False
 
 
 def _verify(path: Path) -> str:
@@ -235,24 +207,13 @@ def generate_answer(path: str | Path, prompt: str, max_new_tokens: int = 20) -> 
     return tokenizer.decode(ids[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True).strip()
 
 
-def _move_into_place(src: Path, dest: Path, tmp_root: Path) -> None:
-    """Rename the finished `src` to `dest` (same filesystem: atomic), replacing an old `dest` if any."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    old = None
-    if dest.exists():
-        old = Path(tempfile.mkdtemp(prefix="old-", dir=tmp_root))
-        dest.rename(old / dest.name)
+def _move_into_place(src: Path, dest: Path) -> None:
+    """Rename the finished `src` to `dest`, replacing an old `dest` (put back if the rename fails)."""
     try:
-        src.rename(dest)
+        replace_dir(src, dest)
     except OSError:
-        if old is not None and not dest.exists():
-            (old / dest.name).rename(dest)  # put the previous model back
+        if not (dest / PULLED_MARKER).is_file():  # else a concurrent pull finished first: fine
             raise
-        if not (dest / MARKER).is_file():  # else a concurrent pull finished first: fine
-            raise
-    finally:
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
 
 
 def _remove_stale(tmp_root: Path) -> None:

@@ -1,17 +1,12 @@
-"""Guards around a training run: Ctrl-C saves and stops, a NaN/inf loss stops (or skips), checkpoints are
-checked before a resume trusts them, and the output dir is writable."""
+"""Guards around a training run: Ctrl-C saves and stops, a NaN/inf loss stops (or skips), running out of memory
+or disk ends in one message, and the output dir is writable before training starts."""
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import re
 import shutil
 import signal
-import struct
 import tempfile
-import zipfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -20,10 +15,8 @@ from typing import Any
 from transformers import TrainerCallback
 
 from chattune.errors import ChattuneError, ConfigError, OutOfMemory
-
-CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
-WEIGHTS_RE = re.compile(r"^(adapter_model|model|pytorch_model)(-\d+-of-\d+)?\.(safetensors|bin)$")
-CORRUPT = ".corrupt"  # checkpoints that failed the check are moved here, never deleted
+from chattune.rundir import last_good_checkpoint
+from chattune.system import this_process
 
 
 class StopRequest(TrainerCallback):
@@ -88,7 +81,7 @@ class StopRequest(TrainerCallback):
 @contextmanager
 def interrupt_saves(stop: StopRequest, console: Any) -> Iterator[None]:
     """First Ctrl-C: finish the step, save a checkpoint, stop. Second Ctrl-C: stop at once."""
-    if os.environ.get("LOCAL_RANK") not in (None, "0"):  # torchrun children: rank 0 reports for all
+    if this_process().local_rank != 0:  # torchrun children: rank 0 reports for all
         yield
         return
     previous = signal.getsignal(signal.SIGINT)
@@ -130,110 +123,6 @@ def checkpoint_bytes(model: Any, save_total_limit: int | None) -> int:
     trainable = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
     kept = (save_total_limit or 3) + 2  # the checkpoints kept, best/ and final/
     return trainable * 3 * kept
-
-
-# ---------------------------------------------------------------------------------------------- checkpoints
-def _safetensors_problem(path: Path) -> str | None:
-    # the header states every tensor's byte range, so a truncated or padded file shows without loading it
-    try:
-        with path.open("rb") as f:
-            (size,) = struct.unpack("<Q", f.read(8))
-            if size > path.stat().st_size:
-                return f"{path.name} is truncated"
-            header = json.loads(f.read(size))
-    except (OSError, struct.error, ValueError, UnicodeDecodeError):
-        return f"{path.name} is unreadable"
-    ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__" and isinstance(v, dict)]
-    if 8 + size + max(ends, default=0) != path.stat().st_size:
-        return f"{path.name} is truncated"
-    return None
-
-
-def _torch_file_problem(path: Path) -> str | None:
-    # torch.save writes a zip whose directory sits at the end: a cut-off file has none
-    try:
-        with zipfile.ZipFile(path) as z:
-            z.infolist()
-    except (OSError, zipfile.BadZipFile):
-        return f"{path.name} is truncated or unreadable"
-    return None
-
-
-def checkpoint_problem(path: Path) -> str | None:
-    """Why a checkpoint dir cannot be resumed from (missing or truncated files), or None when it is complete."""
-    path = Path(path)
-    state = path / "trainer_state.json"
-    if not state.is_file():
-        return "trainer_state.json is missing"
-    try:
-        json.loads(state.read_text(encoding="utf-8"))["global_step"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return "trainer_state.json is unreadable"
-    weights = [p for p in path.iterdir() if p.is_file() and WEIGHTS_RE.match(p.name)]
-    index = path / "model.safetensors.index.json"
-    if index.is_file():
-        try:
-            shards = set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values())
-        except (OSError, ValueError, KeyError, AttributeError):
-            return f"{index.name} is unreadable"
-        missing = sorted(s for s in shards if not (path / s).is_file())
-        if missing:
-            return f"{missing[0]} is missing"
-    deepspeed = any(p.name.startswith("global_step") and p.is_dir() for p in path.iterdir())
-    if not weights and not deepspeed:
-        return "no weights file (adapter_model.safetensors, model.safetensors) is in it"
-    needed = [] if deepspeed else ["optimizer.pt", "scheduler.pt"]  # DeepSpeed keeps these in global_step*/
-    for name in needed:
-        if not (path / name).is_file():
-            return f"{name} is missing"
-    rng = sorted(path.glob("rng_state*.pth"))
-    if not rng:
-        return "rng_state.pth is missing"
-    for p in weights:
-        problem = _safetensors_problem(p) if p.suffix == ".safetensors" else _torch_file_problem(p)
-        if problem:
-            return problem
-    for p in [path / n for n in needed] + rng:
-        problem = _torch_file_problem(p)
-        if problem:
-            return problem
-    return None
-
-
-def checkpoints_newest_first(out: Path) -> list[Path]:
-    """The checkpoint-N dirs of `out`, highest step first."""
-    if not out.is_dir():
-        return []
-    found = [(int(m.group(1)), p) for p in out.iterdir() if (m := CHECKPOINT_RE.match(p.name)) and p.is_dir()]
-    return [p for _, p in sorted(found, reverse=True)]
-
-
-def last_good_checkpoint(out: Path) -> Path | None:
-    """The newest checkpoint that passes `checkpoint_problem`, or None."""
-    return next((p for p in checkpoints_newest_first(out) if checkpoint_problem(p) is None), None)
-
-
-def find_resume_checkpoint(out: Path, console: Any = None, move_aside: bool = True) -> Path | None:
-    """The newest complete checkpoint; newer broken ones are reported and (on rank 0) moved to .corrupt/."""
-    for path in checkpoints_newest_first(out):
-        problem = checkpoint_problem(path)
-        if problem is None:
-            return path
-        where = ""
-        if move_aside:
-            # out of the way of get_last_checkpoint and checkpoint rotation, but kept for a look
-            target = out / CORRUPT / path.name
-            shutil.rmtree(target, ignore_errors=True)
-            target.parent.mkdir(exist_ok=True)
-            os.replace(path, target)
-            where = f"; moved to {target}"
-        if console is not None:
-            console.print(
-                f"[yellow]Warning: {path.name} cannot be resumed from ({problem}){where}; trying the one "
-                "before it[/]",
-                highlight=False,
-            )
-    return None
 
 
 @contextmanager

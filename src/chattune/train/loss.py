@@ -12,6 +12,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from chattune.compat.transformers import attention_implementation
 from chattune.data.templates import IGNORE_INDEX
 
 # rows of hidden states per head chunk: 256 x a 49k vocabulary is 50 MB of fp32 logits at a time
@@ -70,7 +71,8 @@ def causal_suffices(backbone: Any, mask: torch.Tensor | None) -> bool:
     """
     if mask is None or mask.dim() != 2 or mask.shape[1] < 2:
         return False
-    implementation = str(getattr(getattr(backbone, "config", None), "_attn_implementation", "") or "")
+    config = getattr(backbone, "config", None)
+    implementation = attention_implementation(config) if config is not None else ""
     if "flash" in implementation:
         return False
     return bool(mask[:, 0].all()) and bool((mask[:, 1:] <= mask[:, :-1]).all())

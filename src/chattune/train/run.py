@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -13,95 +11,19 @@ from rich.console import Console
 from chattune import __version__
 from chattune.config import TrainConfig, save_config
 from chattune.errors import ConfigError
+from chattune.rundir import (
+    BEST,
+    CONFIG,
+    FINAL,
+    LOG,
+    RUN_INFO,
+    RunInfo,
+    prepare_output_dir,
+    read_run_info,
+    trim_log,
+)
 
 DEEPSPEED_PRESETS = ("zero2", "zero3")
-
-
-# what a run of ours writes before its first checkpoint; a dir holding only these was killed early
-RUN_FILES = {"config.yaml", "trainer_log.jsonl", "loss.png", "best"}
-
-
-def recover_leftovers(out: Path) -> None:
-    """Undo what a killed save left behind: .staging/, half-written .X.tmp dirs, and .X.old dirs whose
-    replacement never moved into place (replace_dir was killed between its two renames)."""
-    from chattune.train.trainer import STAGING
-
-    shutil.rmtree(out / STAGING, ignore_errors=True)  # a checkpoint that never finished writing
-    for child in out.iterdir():
-        if not (child.name.startswith(".") and child.is_dir()):
-            continue
-        if child.name.endswith(".tmp"):
-            shutil.rmtree(child, ignore_errors=True)
-        elif child.name.endswith(".old"):
-            current = out / child.name[1 : -len(".old")]
-            if current.exists():
-                shutil.rmtree(child, ignore_errors=True)
-            else:
-                os.replace(child, current)  # the complete previous version is better than none
-
-
-def prepare_output_dir(cfg: TrainConfig, console: Console | None = None) -> str | None:
-    """Check the output dir and decide where to resume from; returns a checkpoint path or None."""
-    from chattune.train.guards import checkpoint_problem, find_resume_checkpoint
-
-    out = Path(cfg.output_dir)
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"output_dir {out} exists and is not a directory")
-    explicit = isinstance(cfg.resume, str) and cfg.resume != "auto"
-    if int(os.environ.get("RANK", "0")) != 0:
-        # under torchrun only rank 0 checks and cleans the dir; the others reach the same decision read-only
-        if cfg.overwrite_output_dir:
-            return None
-        if explicit:
-            return cfg.resume
-        if cfg.resume == "auto":
-            found = find_resume_checkpoint(out, move_aside=False)
-            return str(found) if found else None
-        return None
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise ConfigError(f"output_dir {out} cannot be created: {e.strerror or e}") from None
-    if cfg.overwrite_output_dir:
-        for child in out.iterdir():
-            shutil.rmtree(child) if child.is_dir() else child.unlink()
-        return None
-    recover_leftovers(out)
-    if explicit:
-        if not Path(cfg.resume).is_dir():
-            raise ConfigError(f"resume: {cfg.resume} is not a checkpoint directory")
-        problem = checkpoint_problem(Path(cfg.resume))
-        if problem:
-            raise ConfigError(f"resume: {cfg.resume} cannot be resumed from: {problem}")
-        return cfg.resume
-    if cfg.resume == "auto":
-        found = find_resume_checkpoint(out, console)
-        if found is not None:
-            return str(found)
-    visible = {p.name for p in out.iterdir() if not p.name.startswith(".")}
-    if cfg.resume == "auto" and visible and visible <= RUN_FILES:
-        # a run of ours killed before its first checkpoint: nothing to keep, so start it again
-        if console is not None:
-            console.print("No checkpoint from the earlier run in this output_dir: starting afresh")
-        for name in visible:
-            shutil.rmtree(out / name) if (out / name).is_dir() else (out / name).unlink()
-        return None
-    if visible:
-        done = " (it holds a finished run)" if (out / "final").exists() else ""
-        raise ConfigError(
-            f"output_dir {out} is not empty{done} and has no checkpoint to resume from; set "
-            "overwrite_output_dir: true to start afresh there, or choose another output_dir"
-        )
-    return None
-
-
-def trim_log(path: Path, step: int) -> None:
-    """Drop log records written after the checkpoint a run resumes from (they will be written again)."""
-    from chattune.train.plot import read_log
-
-    if path.is_file():
-        kept = [r for r in read_log(path) if r.get("step", 0) <= step]
-        path.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
 
 
 def deepspeed_config(value: str | None) -> str | None:
@@ -200,7 +122,7 @@ def run_training(cfg: TrainConfig, console: Console | None = None) -> Path:
     from chattune.data.prepare import encode_split, template_for
     from chattune.models.load import half_frozen_weights, load_model, load_tokenizer, pick_precision
     from chattune.models.methods import apply_method, describe_trainable
-    from chattune.system import available_cores, current_allocator
+    from chattune.system import available_cores, current_allocator, this_process
     from chattune.train.callbacks import RunLogCallback, TokenCounter
     from chattune.train.guards import (
         StopRequest,
@@ -216,10 +138,11 @@ def run_training(cfg: TrainConfig, console: Console | None = None) -> Path:
     cfg.require("train_file")
     if cfg.skip_nan_steps and cfg.deepspeed:
         raise ConfigError("skip_nan_steps needs a run without deepspeed (DeepSpeed owns the gradients)")
-    resume_from = prepare_output_dir(cfg, console)
+    process = this_process()
+    resume_from = prepare_output_dir(cfg, console, rank_zero=process.is_main)
     out = Path(cfg.output_dir)
     # under torchrun the processes on one machine share its cores
-    per_process = max(available_cores() // int(os.environ.get("LOCAL_WORLD_SIZE", "1")), 1)
+    per_process = max(available_cores() // process.local_world_size, 1)
     torch.set_num_threads(cfg.num_threads or per_process)
     precision = pick_precision(cfg.precision)
     if precision == "bf16" and not torch.cuda.is_available() and cfg.precision == "bf16":
@@ -276,7 +199,7 @@ def run_training(cfg: TrainConfig, console: Console | None = None) -> Path:
 
         checkpoint_mlps(model)
     console.print(describe_trainable(model), highlight=False)
-    if int(os.environ.get("RANK", "0")) == 0:
+    if process.is_main:
         check_output_dir_writable(out, checkpoint_bytes(model, cfg.save_total_limit))
     console.print(
         f"precision: {precision}{' (fp32 master weights)' if master_weights and precision != 'fp32' else ''}"
@@ -284,18 +207,10 @@ def run_training(cfg: TrainConfig, console: Console | None = None) -> Path:
         f"   allocator: {current_allocator()}" + (f"   fused LoRA: {fused}" if fused else "")
     )
 
-    if int(os.environ.get("RANK", "0")) == 0:
-        save_config(cfg, out / "config.yaml")
-    run_info = {
-        "chattune_version": __version__,
-        "base_model": cfg.model,
-        "method": cfg.method,
-        "template": template.name,
-        "format": cfg.format,
-        "max_seq_len": cfg.max_seq_len,
-        "max_source_len": cfg.max_source_len,
-        "max_target_len": cfg.max_target_len,
-    }
+    if process.is_main:
+        save_config(cfg, out / CONFIG)
+    # the template as resolved (auto → hf, chatglm3 or raw), so inference does not have to guess again
+    run_info = replace(RunInfo.from_config(cfg, __version__), template=template.name)
     counter = TokenCounter()
     stop = StopRequest(cfg.skip_nan_steps, console)
     trainer = ChattuneTrainer(
@@ -318,12 +233,11 @@ def run_training(cfg: TrainConfig, console: Console | None = None) -> Path:
 
     trainer.remove_callback(ProgressCallback)
     trainer.remove_callback(PrinterCallback)
-    best_file = out / "best" / "chattune.json"
-    if resume_from and best_file.is_file():
-        trainer.best.value = json.loads(best_file.read_text()).get(f"eval_{cfg.best_metric}")
+    if resume_from and (out / BEST / RUN_INFO).is_file():
+        trainer.best.value = read_run_info(out / BEST).extra.get(f"eval_{cfg.best_metric}")
     if resume_from:
         console.print(f"Resuming from {resume_from}")
-        trim_log(out / "trainer_log.jsonl", int(Path(resume_from).name.rsplit("-", 1)[-1]))
+        trim_log(out / LOG, int(Path(resume_from).name.rsplit("-", 1)[-1]))
     try:
         with interrupt_saves(stop, console):
             trainer.train(resume_from_checkpoint=resume_from)
@@ -331,7 +245,7 @@ def run_training(cfg: TrainConfig, console: Console | None = None) -> Path:
         console.print(f"[yellow]{interrupted_at_once_message(out)}[/]", highlight=False)
         raise
     raise_if_stopped(stop, out)
-    final = out / "final"
+    final = out / FINAL
     trainer.save_result(final)
     console.print(f"[bold green]Done.[/] The result is in {final}")
     return final

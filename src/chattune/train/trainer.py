@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import json
-import os
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -12,16 +10,17 @@ from pathlib import Path
 from typing import Any
 
 from safetensors import SafetensorError
-from transformers import Trainer
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from chattune.atomic import fsync_tree, replace_dir
+from chattune.compat.transformers import TrainerHooks
 from chattune.data.batching import EpochSeededLengthGroupedSampler
 from chattune.data.templates import IGNORE_INDEX
+from chattune.rundir import STAGING, RunInfo
 from chattune.train.callbacks import TokenCounter
 from chattune.train.guards import is_out_of_memory, out_of_memory, resume_load, save_failed
 from chattune.train.loss import split_backbone_and_head, trained_positions_loss
 
-STAGING = ".staging"
 # what a failing write raises: OSError from Python, RuntimeError from torch.save's zip writer, SafetensorError
 SAVE_ERRORS: tuple[type[BaseException], ...] = (OSError, RuntimeError, SafetensorError)
 
@@ -46,35 +45,7 @@ class BestTracker:
         return f"Best eval {self.metric} has been updated: {self.value:.5f} --> {value:.5f}"
 
 
-def fsync_tree(root: Path) -> None:
-    """Flush every file under `root` (and the dirs) to disk, so a renamed checkpoint survives a power loss."""
-    for dirpath, _, files in os.walk(root):
-        for name in files:
-            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        fd = os.open(dirpath, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def replace_dir(src: Path, dst: Path) -> None:
-    """Move a finished directory into place; readers see the old one or the new one, never a mix."""
-    if dst.exists():
-        old = dst.with_name(f".{dst.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(dst, old)
-        os.replace(src, dst)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(src, dst)
-
-
-class ChattuneTrainer(Trainer):
+class ChattuneTrainer(TrainerHooks):
     """Trainer with atomic checkpoint writes, a `best/` copy at the lowest eval loss, and token counts.
 
     Everything else (loss normalisation across accumulation, resume state, distributed engines) is the
@@ -85,7 +56,7 @@ class ChattuneTrainer(Trainer):
         self,
         *args: Any,
         counter: TokenCounter,
-        run_info: dict[str, Any],
+        run_info: RunInfo,
         console: Any,
         best: BestTracker,
         generation_metrics: Callable[[Any], dict[str, float]] | None = None,
@@ -103,25 +74,22 @@ class ChattuneTrainer(Trainer):
         self._staging: str | None = None
         self.split = split_backbone_and_head(self.model)
         if self.split is not None:
-            self.loss_is_scaled_for_ga = True  # we divide by the step's trained-token count ourselves
+            self.divides_loss_itself()  # by the step's trained-token count
 
     # ------------------------------------------------------------------ order
-    def _get_train_sampler(self, train_dataset: Any = None) -> Any:
-        dataset = train_dataset if train_dataset is not None else self.train_dataset
-        # every process builds the same order from (seed, epoch); accelerate then hands each its share of batches
+    def train_sampler(self, dataset: Any) -> Any:
+        """Length-grouped batches in an order every process builds from (seed, epoch)."""
+        # accelerate then hands each process its share of the batches
         if self.args.train_sampling_strategy == "group_by_length" and "length" in dataset.column_names:
             group = self.args.train_batch_size * self.args.gradient_accumulation_steps * self.args.world_size
             return EpochSeededLengthGroupedSampler(
                 dataset["length"], group, self.args.data_seed or self.args.seed
             )
-        return super()._get_train_sampler(train_dataset)
+        return None
 
-    def _run_epoch(self, *args: Any, **kwargs: Any) -> Any:
-        # resumed from the run's last step, the stock loop would still take one more step before it stops
-        if self.state.global_step >= self.state.max_steps > 0:
-            self.control.should_training_stop = True
-            return None
-        return super()._run_epoch(*args, **kwargs)
+    def epoch_is_over(self) -> bool:
+        """Resumed from the run's last step, the stock loop would still take one more step before it stops."""
+        return self.state.global_step >= self.state.max_steps > 0
 
     # ------------------------------------------------------------------ loss
     def compute_loss(
@@ -155,35 +123,23 @@ class ChattuneTrainer(Trainer):
         return loss
 
     # ------------------------------------------------------------------ resume
-    # transformers loads every resume file with weights_only=True, so a tampered one cannot run code; these
-    # turn its refusal (or a state that does not fit this run) into one sentence naming the checkpoint
-    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
-        with resume_load(resume_from_checkpoint):
-            super()._load_from_checkpoint(resume_from_checkpoint, model)
-
-    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
-        with resume_load(checkpoint):
-            super()._load_optimizer_and_scheduler(checkpoint)
-
-    def _load_scaler(self, checkpoint: str | None) -> None:
-        with resume_load(checkpoint):
-            super()._load_scaler(checkpoint)
-
-    def _load_rng_state(self, checkpoint: str | None) -> None:
-        with resume_load(checkpoint):
-            super()._load_rng_state(checkpoint)
+    def resume_errors(self, checkpoint: str | None) -> Any:
+        """transformers loads every resume file with weights_only=True, so a tampered one cannot run code; its
+        refusal (or a state that does not fit this run) becomes one sentence naming the checkpoint."""
+        return resume_load(checkpoint)
 
     # ------------------------------------------------------------------ atomic checkpoints
-    def _get_output_dir(self, trial: Any) -> str:
-        return self._staging or super()._get_output_dir(trial)
+    def staging_dir(self) -> str | None:
+        """Where the checkpoint being saved is written before it is renamed into place."""
+        return self._staging
 
-    def _save_checkpoint(self, model: Any, trial: Any) -> None:
+    def commit_checkpoint(self, write: Callable[[], None]) -> None:
         """Write the checkpoint under .staging/, then rename it into place: complete or absent, never partial."""
         root = Path(self.args.output_dir)
         name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
         self._staging = str(root / STAGING)
         try:
-            super()._save_checkpoint(model, trial)
+            write()
             self.accelerator.wait_for_everyone()
             if self.args.should_save:
                 self._write_run_info(root / STAGING / name)
@@ -247,7 +203,4 @@ class ChattuneTrainer(Trainer):
 
     def _write_run_info(self, directory: Path, extra: dict[str, Any] | None = None) -> None:
         # infer, serve and eval read this back so they encode exactly as training did
-        info = self.run_info | (extra or {})
-        (directory / "chattune.json").write_text(
-            json.dumps(info, indent=2, ensure_ascii=False), encoding="utf-8"
-        )
+        self.run_info.with_extra(**(extra or {})).write(directory)

@@ -11,7 +11,7 @@ from typing import Any
 
 import yaml
 
-from chattune.data.converters import CONVERTERS, ConvertStats
+from chattune.data.converters.base import CONVERTERS, ConvertStats
 from chattune.data.readers import not_utf8, utf16_or_32
 from chattune.data.schema import ROLES
 from chattune.errors import ConfigError, DataFormatError

@@ -6,7 +6,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from chattune.data.converters import CONVERTERS, MAX_SKIPPED_EXAMPLES, ConvertStats
+from chattune.data.converters.base import CONVERTERS, MAX_SKIPPED_EXAMPLES, ConvertStats
 from chattune.data.formats import ReadReport, read_samples, sample_to_record
 from chattune.data.schema import Conversation, Message, Pair
 

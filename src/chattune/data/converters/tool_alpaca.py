@@ -7,7 +7,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from chattune.data.converters import CONVERTERS, ConvertStats
+from chattune.data.converters.base import CONVERTERS, ConvertStats
 from chattune.data.readers import iter_records, value_problem
 from chattune.errors import DataFormatError
 

@@ -8,18 +8,10 @@ from typing import Any, Protocol
 
 from chattune.data.schema import Pair, Sample, ToolCall
 from chattune.errors import ConfigError
+from chattune.limits import Limits
 from chattune.registry import Registry
 
 IGNORE_INDEX = -100
-
-
-@dataclass(frozen=True)
-class Limits:
-    """Length limits: `max_seq_len` for conversations, source/target limits for input-output data."""
-
-    max_seq_len: int = 2048
-    max_source_len: int = 1024
-    max_target_len: int = 128
 
 
 @dataclass

@@ -439,9 +439,9 @@ class _DirectRenderer:
     def if_equivalent(cls, tokenizer: Any, native_tools: bool, native_calls: bool) -> _DirectRenderer | None:
         """A direct renderer when it provably matches `apply_chat_template` on probe conversations, else None."""
         try:
-            from transformers.utils.chat_template_utils import _compile_jinja_template
+            from chattune.compat.transformers import compile_chat_template
 
-            direct = cls(tokenizer, _compile_jinja_template)
+            direct = cls(tokenizer, compile_chat_template)
         except Exception:  # a private helper that may move between transformers versions: fall back
             return None
         conv = [

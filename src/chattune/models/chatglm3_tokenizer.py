@@ -26,6 +26,8 @@ from typing import Any, ClassVar
 import sentencepiece as spm
 from transformers.tokenization_python import PreTrainedTokenizer, Trie
 
+from chattune.compat.transformers import trie_tokens
+
 __all__ = ["ChatGLM3Tokenizer", "is_chatglm3_tokenizer_dir", "load_chatglm3_tokenizer"]
 
 VOCAB_FILE = "tokenizer.model"
@@ -241,12 +243,13 @@ class ChatGLM3Tokenizer(PreTrainedTokenizer):
         """Text -> pieces with SentencePiece only; special-token names in text stay plain pieces."""
         kwargs.pop("split_special_tokens", None)
         text, kwargs = self.prepare_for_tokenization(text, **kwargs)
-        if not self.tokens_trie._tokens:
+        added = trie_tokens(self.tokens_trie)
+        if not added:
             return self._tokenize(text)
         # Tokens added with add_tokens() (ids past the ChatGLM3 vocab) are kept whole, as in any HF tokenizer.
         pieces: list[str] = []
         for chunk in self.tokens_trie.split(text):
-            if chunk in self.tokens_trie._tokens:
+            if chunk in added:
                 pieces.append(chunk)
             elif chunk:
                 pieces.extend(self._tokenize(chunk))

@@ -10,7 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from chattune.data.tokenizers import ChatGLM3Tokenizer, is_chatglm3_tokenizer_dir, load_chatglm3_tokenizer
+from chattune.models.chatglm3_tokenizer import (
+    ChatGLM3Tokenizer,
+    is_chatglm3_tokenizer_dir,
+    load_chatglm3_tokenizer,
+)
 
 # The real model lives beside the project (../shared), not inside it.
 MODEL_FILE = Path(__file__).resolve().parents[3] / "shared/models/chatglm3-tokenizer/tokenizer.model"

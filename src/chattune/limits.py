@@ -1,0 +1,14 @@
+"""Token limits of a run: one definition, with the defaults every command falls back to."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Length limits: `max_seq_len` for conversations, source/target limits for input-output data."""
+
+    max_seq_len: int = 2048
+    max_source_len: int = 1024
+    max_target_len: int = 128
