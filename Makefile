@@ -24,7 +24,8 @@ $(STAMP): pyproject.toml
 		echo "could not install $$missing: training keeps glibc malloc, the browser test skips"
 	touch $(STAMP)
 
-test: setup
+# lint first (ruff, the layer contract in pyproject.toml), then the suite
+test: setup lint
 	$(PY) -m pytest -q
 
 # The suite as the other kind of CPU would run it: `precision: auto` picks bf16 as on an AVX-512-BF16/AMX CPU
@@ -37,8 +38,9 @@ test-slow: setup
 	$(PY) -m pytest -q -m slow
 
 lint: setup
-	$(VENV)/bin/ruff format --check src tests
-	$(VENV)/bin/ruff check src tests
+	$(VENV)/bin/ruff check src tests bench
+	$(VENV)/bin/ruff format --check src tests bench
+	$(VENV)/bin/lint-imports
 
 quickstart: setup
 	$(VENV)/bin/chattune model pull smollm2-135m-instruct

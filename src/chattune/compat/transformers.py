@@ -94,6 +94,33 @@ class TrainerHooks(Trainer):
         self.commit_checkpoint(lambda: super(TrainerHooks, self)._save_checkpoint(model, trial))
 
 
+def _slow_tokenizer_base() -> type:
+    from transformers.tokenization_python import PreTrainedTokenizer
+
+    return PreTrainedTokenizer
+
+
+class SlowTokenizerHooks(_slow_tokenizer_base()):  # type: ignore[misc]
+    """A python (slow) tokenizer that decides which tokens its added-tokens Trie splits out of text
+    (`tokens_to_split`): PreTrainedTokenizer rebuilds the Trie in the private `_update_trie` with every added
+    token, and offers no public way to keep some of them as plain text."""
+
+    def tokens_to_split(self, extra: list[str]) -> list[str]:
+        """The tokens to split out of text whole (default: every added token, plus `extra`)."""
+        return [t.content for t in self.added_tokens_decoder.values()] + list(extra)
+
+    def _update_trie(self, unique_no_split_tokens: list[str] | None = None) -> None:
+        from transformers.tokenization_python import Trie
+
+        self.tokens_trie = Trie()
+        for token in self.tokens_to_split(unique_no_split_tokens or []):
+            self.tokens_trie.add(token)
+
+
+# PreTrainedTokenizer methods SlowTokenizerHooks overrides (name: parameters after self)
+TOKENIZER_HOOKS = {"_update_trie": ("unique_no_split_tokens",)}
+
+
 def attention_registered(name: str) -> bool:
     """Whether an attention function is registered under `name`: AttentionInterface can register but not
     list, and registering twice would replace a compiled function with a new one."""

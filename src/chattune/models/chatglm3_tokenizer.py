@@ -24,9 +24,8 @@ from shutil import copyfile
 from typing import Any, ClassVar
 
 import sentencepiece as spm
-from transformers.tokenization_python import PreTrainedTokenizer, Trie
 
-from chattune.compat.transformers import trie_tokens
+from chattune.compat.transformers import SlowTokenizerHooks, trie_tokens
 
 __all__ = ["ChatGLM3Tokenizer", "is_chatglm3_tokenizer_dir", "load_chatglm3_tokenizer"]
 
@@ -123,7 +122,7 @@ class SPTokenizer:
         return self.sp_model.id_to_piece(index)
 
 
-class ChatGLM3Tokenizer(PreTrainedTokenizer):
+class ChatGLM3Tokenizer(SlowTokenizerHooks):
     """ChatGLM3's tokenizer, id-for-id equal to THUDM's ``ChatGLMTokenizer``, without remote code.
 
     Plain encoding (``encode``, ``__call__``, ``tokenize``) runs the text through SentencePiece only, exactly as the
@@ -229,15 +228,11 @@ class ChatGLM3Tokenizer(PreTrainedTokenizer):
         vocab.update(self._added_tokens_encoder)
         return vocab
 
-    def _update_trie(self, unique_no_split_tokens: list[str] | None = None) -> None:
-        # Only tokens added beyond the ChatGLM3 vocab (add_tokens) are split out of text; the built-in special
-        # tokens are not, because the official tokenizer never turns their names in text into special ids.
-        self.tokens_trie = Trie()
-        for index, token in self._added_tokens_decoder.items():
-            if index >= self.vocab_size:
-                self.tokens_trie.add(token.content)
-        for token in unique_no_split_tokens or []:
-            self.tokens_trie.add(token)
+    def tokens_to_split(self, extra: list[str]) -> list[str]:
+        """Only tokens added beyond the ChatGLM3 vocab (add_tokens) are split out of text; the built-in special
+        tokens are not, because the official tokenizer never turns their names in text into special ids."""
+        added = [t.content for i, t in self.added_tokens_decoder.items() if i >= self.vocab_size]
+        return added + list(extra)
 
     def tokenize(self, text: str, **kwargs: Any) -> list[str]:
         """Text -> pieces with SentencePiece only; special-token names in text stay plain pieces."""
