@@ -115,6 +115,16 @@ def test_csv_rows_are_named_by_their_first_line(tmp_path: Path) -> None:
     assert [e.split(":")[1] for e in errors] == ["4", "6"], errors
 
 
+def test_csv_rows_after_blank_lines_keep_their_line_and_long_cells_are_read(tmp_path: Path) -> None:
+    from chattune.label.store import read_rows
+
+    path = tmp_path / "in.csv"
+    path.write_text("instruction,output\n,\n\n,\n" + "a" * 200_000 + ",b\n", encoding="utf-8")
+    rows, errors, total = read_rows(path)  # csv's default cell limit (128 KiB) does not apply
+    assert total == 3 and [len(r["instruction"]) for r in rows] == [200_000]
+    assert [e.split(":")[1] for e in errors] == ["2", "4"], errors  # not the blank line 3
+
+
 def test_schema_version_and_migration(tmp_path: Path) -> None:
     path = tmp_path / "labels.sqlite"
     LabelStore(path)

@@ -329,14 +329,13 @@ def iter_csv(path: Path, delimiter: str = ",") -> Iterator[tuple[int, list[str]]
 def iter_csv_records(path: Path) -> Iterator[SourceRecord]:
     """Each row of a CSV file after its header as a SourceRecord of {column: cell}, empty cells left out.
 
-    Blank lines are skipped; an empty file has no records.
+    The first line is the header, as for csv.DictReader and the csv converter (a blank one names no columns);
+    later blank lines are skipped; an empty file has no records.
     """
-    header: list[str] | None = None
-    for line, row in iter_csv(path):
+    rows = iter_csv(path)
+    header = next(rows, (1, []))[1]
+    for line, row in rows:
         if not row:  # a blank line holds no row at all
-            continue
-        if header is None:
-            header = row
             continue
         # a short row lacks its last cells and a long row's extra cells have no column: both are left out
         yield SourceRecord(str(path), line, {k: v for k, v in zip(header, row, strict=False) if k and v})

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
 import os
@@ -22,7 +21,7 @@ except ImportError:  # Windows
     fcntl = None  # type: ignore[assignment]
 
 from chattune.data.formats import FORMATS, Where, detect_format, sample_to_record
-from chattune.data.readers import iter_records, not_utf8, utf16_or_32
+from chattune.data.readers import iter_csv_records, iter_records
 from chattune.data.schema import SourceRecord
 from chattune.errors import DataFormatError
 
@@ -215,27 +214,11 @@ def _iter_file(path: Path) -> Iterator[SourceRecord | DataFormatError]:
 
 
 def _iter_csv(path: Path) -> Iterator[SourceRecord]:
-    """Rows of a UTF-8 CSV file (an Excel BOM is fine); any other encoding stops the import, naming the line."""
-    if problem := utf16_or_32(path):  # which would otherwise read as NUL-ridden text
-        raise LabelStoreError(problem.describe())
+    """Rows of a UTF-8 CSV file; any other encoding or a broken row stops the import, naming the line."""
     try:
-        with path.open(encoding="utf-8-sig", newline="") as fh:
-            reader = csv.DictReader(fh)
-            if reader.fieldnames is None:  # (reading the header) an empty file
-                return
-            end = reader.line_num
-            for row in reader:
-                # a row's first line (quoted cells may span several lines; DictReader skips blank ones)
-                start, end = end + 1, reader.line_num
-                values = {k: v for k, v in row.items() if k and v not in (None, "")}
-                yield SourceRecord(str(path), start, values)
-    except UnicodeDecodeError as e:
-        problem = not_utf8(path, e)
-        raise LabelStoreError(
-            problem.describe() if problem else f"{path}: not valid UTF-8 ({e.reason})"
-        ) from None
-    except csv.Error as e:
-        raise LabelStoreError(f"{path}:{reader.line_num}: not a readable CSV row ({e})") from None
+        yield from iter_csv_records(path)
+    except DataFormatError as e:
+        raise LabelStoreError(e.describe()) from None
 
 
 def read_rows(path: str | Path) -> tuple[list[dict[str, Any]], list[str], int]:
