@@ -15,6 +15,7 @@ import pytest
 
 from chattune.data.formats import read_samples
 from chattune.data.schema import Conversation, Pair
+from chattune.errors import ChattuneError
 from chattune.label.store import SCHEMA_VERSION, LabelStore, LabelStoreError, migrate
 
 
@@ -123,6 +124,12 @@ def test_csv_rows_after_blank_lines_keep_their_line_and_long_cells_are_read(tmp_
     rows, errors, total = read_rows(path)  # csv's default cell limit (128 KiB) does not apply
     assert total == 3 and [len(r["instruction"]) for r in rows] == [200_000]
     assert [e.split(":")[1] for e in errors] == ["2", "4"], errors  # not the blank line 3
+
+
+def test_store_errors_are_chattune_errors(tmp_path: Path) -> None:
+    with pytest.raises(ChattuneError, match=r"^no label record with id 7$") as e:  # the message is unchanged
+        LabelStore(tmp_path / "labels.sqlite").get(7)
+    assert isinstance(e.value, LabelStoreError) and e.value.exit_code == 1
 
 
 def test_schema_version_and_migration(tmp_path: Path) -> None:

@@ -23,7 +23,7 @@ except ImportError:  # Windows
 from chattune.data.formats import FORMATS, Where, detect_format, sample_to_record
 from chattune.data.readers import iter_csv_records, iter_records
 from chattune.data.schema import SourceRecord
-from chattune.errors import DataFormatError
+from chattune.errors import ChattuneError, DataFormatError
 
 KINDS = ("instruction", "conversation")
 STATUSES = ("pending", "draft", "accepted", "rejected")
@@ -36,7 +36,7 @@ RETRIES = 12  # with backoff capped at 1 s this outlasts any realistic burst of 
 T = TypeVar("T")
 
 
-class LabelStoreError(Exception):
+class LabelStoreError(ChattuneError):
     """A label-store operation that cannot be done (unknown id, bad status, bad format)."""
 
 
@@ -164,6 +164,14 @@ def fingerprint(
     parts = [kind, instruction, input, output, messages, *([tools] if tools else [])]
     body = json.dumps(parts, ensure_ascii=False, sort_keys=True)
     return hashlib.sha256(body.encode("utf-8")).hexdigest()
+
+
+def row_fingerprint(row: dict[str, Any]) -> str:
+    """The fingerprint of an imported row (fields it lacks are empty)."""
+    return fingerprint(
+        row["kind"], row.get("instruction", ""), row.get("input", ""), row.get("output", ""),
+        row.get("messages", []), row.get("tools"),
+    )  # fmt: skip
 
 
 # ---------------------------------------------------------------- turning files into label rows
@@ -369,20 +377,18 @@ class LabelStore:
         tool-use conversation offers); returns its id."""
         kind = kind or ("conversation" if messages else "instruction")
         self._check(kind, status)
-        msgs, tools = messages or [], checked_tools(tools, kind)
-        fp = fingerprint(kind, instruction, input, output, msgs, tools)
-
-        def insert(db: sqlite3.Connection) -> int:
-            now = time.time()
-            cur = db.execute(
-                "INSERT INTO records (kind, instruction, input, output, messages, tools, status, author,"
-                " created_at, updated_at, fingerprint, source) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (kind, instruction, input, output, json.dumps(msgs, ensure_ascii=False),
-                 json.dumps(tools, ensure_ascii=False), status, author, now, now, fp, source),
-            )  # fmt: skip
-            return int(cur.lastrowid)
-
-        return self._write(insert)
+        row = {
+            "kind": kind,
+            "instruction": instruction,
+            "input": input,
+            "output": output,
+            "messages": messages or [],
+            "tools": checked_tools(tools, kind),
+            "status": status,
+            "author": author,
+        }
+        fp = row_fingerprint(row)
+        return self._write(lambda db: _insert(db, row, fp, source, time.time()))
 
     def update(
         self,
@@ -514,8 +520,7 @@ class LabelStore:
         rows, errors, total = read_rows(path)
         known, dup = self._known(), 0
         for r in rows:
-            fp = fingerprint(r["kind"], r.get("instruction", ""), r.get("input", ""), r.get("output", ""),
-                             r.get("messages", []), r.get("tools"))  # fmt: skip
+            fp = row_fingerprint(r)
             dup += fp in known
             known.add(fp)
         return ImportPreview(rows[:limit], dup, errors, total)
@@ -530,22 +535,14 @@ class LabelStore:
             known = {r[0] for r in db.execute("SELECT fingerprint FROM records WHERE deleted_at IS NULL")}
             now = time.time()
             for r in rows:
-                msgs, tools = r.get("messages", []), r.get("tools", [])
-                fp = fingerprint(
-                    r["kind"], r.get("instruction", ""), r.get("input", ""), r.get("output", ""), msgs, tools
-                )
+                fp = row_fingerprint(r)
                 if fp in known:
                     report.duplicates += 1
                     continue
                 known.add(fp)
-                cur = db.execute(
-                    "INSERT INTO records (kind, instruction, input, output, messages, tools, status, author,"
-                    " created_at, updated_at, fingerprint, source) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    (r["kind"], r.get("instruction", ""), r.get("input", ""), r.get("output", ""),
-                     json.dumps(msgs, ensure_ascii=False), json.dumps(tools, ensure_ascii=False), r["status"],
-                     r["author"] or author, now, now, fp, Path(path).name),
-                )  # fmt: skip
-                report.ids.append(int(cur.lastrowid))
+                report.ids.append(
+                    _insert(db, r | {"author": r["author"] or author}, fp, Path(path).name, now)
+                )
                 report.added += 1
 
         self._write(insert_all)
@@ -582,6 +579,18 @@ class LabelStore:
         while batch := self.list(status=status, limit=500, offset=offset):
             yield from batch
             offset += len(batch)
+
+
+def _insert(db: sqlite3.Connection, row: dict[str, Any], fp: str, source: str, now: float) -> int:
+    """The one INSERT of a new record (from `add` or an imported row; fields it lacks are empty); its id."""
+    msgs, tools = (json.dumps(row.get(key, []), ensure_ascii=False) for key in ("messages", "tools"))
+    cur = db.execute(
+        "INSERT INTO records (kind, instruction, input, output, messages, tools, status, author,"
+        " created_at, updated_at, fingerprint, source) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        (row["kind"], row.get("instruction", ""), row.get("input", ""), row.get("output", ""), msgs, tools,
+         row["status"], row["author"], now, now, fp, source),
+    )  # fmt: skip
+    return int(cur.lastrowid)
 
 
 def _export_value(rec: Record, format: str) -> dict[str, Any]:
