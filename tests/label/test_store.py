@@ -15,7 +15,10 @@ import pytest
 
 from chattune.data.formats import read_samples
 from chattune.data.schema import Conversation, Pair
-from chattune.label.store import SCHEMA_VERSION, LabelStore, LabelStoreError, migrate
+from chattune.errors import ChattuneError
+from chattune.label.db import SCHEMA_VERSION, migrate
+from chattune.label.records import LabelStoreError
+from chattune.label.store import LabelStore
 
 
 def _write_jsonl(path: Path, records: list[dict]) -> Path:
@@ -105,7 +108,7 @@ def test_csv_in_other_encodings_is_refused_naming_the_line(tmp_path: Path) -> No
 
 
 def test_csv_rows_are_named_by_their_first_line(tmp_path: Path) -> None:
-    from chattune.label.store import read_rows
+    from chattune.label.io import read_rows
 
     path = tmp_path / "in.csv"
     path.write_text('instruction,output\n"two\nlines",a\n,\n"x",\n,\n', encoding="utf-8")
@@ -113,6 +116,22 @@ def test_csv_rows_are_named_by_their_first_line(tmp_path: Path) -> None:
     assert total == 4 and [r["instruction"] for r in rows] == ["two\nlines", "x"]
     # the empty rows, after a row of two lines
     assert [e.split(":")[1] for e in errors] == ["4", "6"], errors
+
+
+def test_csv_rows_after_blank_lines_keep_their_line_and_long_cells_are_read(tmp_path: Path) -> None:
+    from chattune.label.io import read_rows
+
+    path = tmp_path / "in.csv"
+    path.write_text("instruction,output\n,\n\n,\n" + "a" * 200_000 + ",b\n", encoding="utf-8")
+    rows, errors, total = read_rows(path)  # csv's default cell limit (128 KiB) does not apply
+    assert total == 3 and [len(r["instruction"]) for r in rows] == [200_000]
+    assert [e.split(":")[1] for e in errors] == ["2", "4"], errors  # not the blank line 3
+
+
+def test_store_errors_are_chattune_errors(tmp_path: Path) -> None:
+    with pytest.raises(ChattuneError, match=r"^no label record with id 7$") as e:  # the message is unchanged
+        LabelStore(tmp_path / "labels.sqlite").get(7)
+    assert isinstance(e.value, LabelStoreError) and e.value.exit_code == 1
 
 
 def test_schema_version_and_migration(tmp_path: Path) -> None:
@@ -129,7 +148,8 @@ def test_schema_version_and_migration(tmp_path: Path) -> None:
 
 
 def test_a_version_1_database_gains_tools_and_keeps_its_records(tmp_path: Path) -> None:
-    from chattune.label.store import MIGRATIONS, fingerprint
+    from chattune.label.db import MIGRATIONS
+    from chattune.label.records import fingerprint
 
     path = tmp_path / "labels.sqlite"
     db = sqlite3.connect(path)

@@ -13,7 +13,8 @@ pytest.importorskip("streamlit", reason="the web extra (streamlit) is not instal
 from streamlit.testing.v1 import AppTest
 
 import chattune.web
-from chattune.label.store import STATUSES, LabelStore
+from chattune.label.records import STATUSES
+from chattune.label.store import LabelStore
 from chattune.web.auth import PAGES
 from chattune.web.i18n import LANGUAGE_KEY, ZH
 from chattune.web.nav import TITLES

@@ -1,7 +1,8 @@
-"""Stream JSON records from `.jsonl` files and `.json` arrays, one at a time, with their positions."""
+"""Stream records from `.jsonl` files, `.json` arrays and CSV files, one at a time, with their positions."""
 
 from __future__ import annotations
 
+import csv
 import json
 import re
 from collections.abc import Iterator
@@ -19,6 +20,8 @@ MAX_DEPTH = 128
 # json escapes of UTF-16 surrogates; a lone one decodes to a str that cannot be written back as UTF-8.
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
 _SURROGATE = re.compile("[\ud800-\udfff]")
+# csv's default cell limit is 128 KiB; long documents in one cell are real data, not an error.
+_CSV_FIELD_LIMIT = 2**31 - 1
 _BOMS = {
     b"\xff\xfe\x00\x00": "UTF-32",
     b"\x00\x00\xfe\xff": "UTF-32",
@@ -295,3 +298,44 @@ def _iter_array(path: Path) -> Iterator[SourceRecord | DataFormatError]:
                 file=str(path),
                 line=at[0] if at else None,
             )
+
+
+def iter_csv(path: Path, delimiter: str = ",") -> Iterator[tuple[int, list[str]]]:
+    """Each row of a UTF-8 CSV file (an Excel BOM is fine) with the line it starts on; a blank line is `[]`.
+
+    Another encoding or an unreadable row raises a DataFormatError naming the line.
+    """
+    file = str(path)
+    if problem := utf16_or_32(path):  # which would otherwise read as NUL-ridden text
+        raise problem
+    if csv.field_size_limit() < _CSV_FIELD_LIMIT:
+        csv.field_size_limit(_CSV_FIELD_LIMIT)
+    # newline="" lets the csv module keep newlines inside quoted cells; utf-8-sig drops Excel's BOM.
+    with path.open(encoding="utf-8-sig", newline="") as f:
+        reader = csv.reader(f, delimiter=delimiter)
+        end = 0
+        try:
+            for row in reader:
+                # a row's first line (end + 1): quoted cells may span several lines
+                start, end = end + 1, reader.line_num
+                yield start, row
+        except csv.Error as e:
+            raise DataFormatError(f"unreadable CSV: {e}", file=file, line=reader.line_num) from None
+        except UnicodeDecodeError as e:
+            # The text layer decodes ahead in blocks, so the reader's line is not the bad byte's: find it.
+            raise not_utf8(path, e) or DataFormatError(f"not valid UTF-8 ({e.reason})", file=file) from None
+
+
+def iter_csv_records(path: Path) -> Iterator[SourceRecord]:
+    """Each row of a CSV file after its header as a SourceRecord of {column: cell}, empty cells left out.
+
+    The first line is the header, as for csv.DictReader and the csv converter (a blank one names no columns);
+    later blank lines are skipped; an empty file has no records.
+    """
+    rows = iter_csv(path)
+    header = next(rows, (1, []))[1]
+    for line, row in rows:
+        if not row:  # a blank line holds no row at all
+            continue
+        # a short row lacks its last cells and a long row's extra cells have no column: both are left out
+        yield SourceRecord(str(path), line, {k: v for k, v in zip(header, row, strict=False) if k and v})

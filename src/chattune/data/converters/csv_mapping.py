@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import csv
 import string
 from collections.abc import Iterator
+from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -12,13 +12,11 @@ from typing import Any
 import yaml
 
 from chattune.data.converters.base import CONVERTERS, ConvertStats
-from chattune.data.readers import not_utf8, utf16_or_32
+from chattune.data.readers import iter_csv
 from chattune.data.schema import ROLES
 from chattune.errors import ConfigError, DataFormatError
 
 _MESSAGE_KEYS = {"role", "content", "loss"}
-# csv's default cell limit is 128 KiB; long documents in one cell are real data, not an error.
-_FIELD_LIMIT = 2**31 - 1
 
 
 @dataclass
@@ -133,51 +131,35 @@ def convert_csv(
     mapping = Path(mapping)
     templates = load_mapping(mapping)
     file = str(source)
-    if problem := utf16_or_32(source):
-        raise problem
-    if csv.field_size_limit() < _FIELD_LIMIT:
-        csv.field_size_limit(_FIELD_LIMIT)
-    # newline="" lets the csv module keep newlines inside quoted cells; utf-8-sig drops Excel's BOM.
-    with source.open(encoding="utf-8-sig", newline="") as f:
-        reader = csv.reader(f, delimiter=delimiter)
-        try:
-            header = next(reader, None)
-            if header is None:
-                raise DataFormatError("empty file: expected a header row of column names", file=file, line=1)
-            used = list(dict.fromkeys(c for t in templates for c in t.columns))
-            if missing := [c for c in used if c not in header]:
-                raise ConfigError(
-                    f"mapping file {mapping} uses column(s) {', '.join(missing)} that {file} does not have "
-                    f"(its columns: {', '.join(header)})"
-                )
-            if dup := [c for c in used if header.count(c) > 1]:
-                raise DataFormatError(
-                    f"column(s) {', '.join(dup)} appear more than once in the header", file=file, line=1
-                )
-            index = {c: header.index(c) for c in used}
-            end = reader.line_num
-            while True:
-                start = end + 1  # a row's first line: quoted cells may span several lines
-                row = next(reader, None)
-                end = reader.line_num
-                if row is None:
-                    return
-                if not row:  # a blank line holds no row at all
-                    continue
-                stats.read += 1
-                if len(row) != len(header):
-                    stats.skip(
-                        DataFormatError(
-                            f"has {len(row)} cells, the header has {len(header)}", file=file, line=start
-                        )
+    # closing: an error about the header must not leave the file open until the traceback goes
+    with closing(iter_csv(source, delimiter)) as rows:
+        first = next(rows, None)
+        if first is None:
+            raise DataFormatError("empty file: expected a header row of column names", file=file, line=1)
+        header = first[1]
+        used = list(dict.fromkeys(c for t in templates for c in t.columns))
+        if missing := [c for c in used if c not in header]:
+            raise ConfigError(
+                f"mapping file {mapping} uses column(s) {', '.join(missing)} that {file} does not have "
+                f"(its columns: {', '.join(header)})"
+            )
+        if dup := [c for c in used if header.count(c) > 1]:
+            raise DataFormatError(
+                f"column(s) {', '.join(dup)} appear more than once in the header", file=file, line=1
+            )
+        index = {c: header.index(c) for c in used}
+        for start, row in rows:
+            if not row:  # a blank line holds no row at all
+                continue
+            stats.read += 1
+            if len(row) != len(header):
+                stats.skip(
+                    DataFormatError(
+                        f"has {len(row)} cells, the header has {len(header)}", file=file, line=start
                     )
-                    continue
-                if empty := [c for c in used if not row[index[c]].strip()]:
-                    stats.skip(DataFormatError("empty cell", file=file, line=start, field=empty[0]))
-                    continue
-                yield _record(templates, {c: row[index[c]] for c in used})
-        except csv.Error as e:
-            raise DataFormatError(f"unreadable CSV: {e}", file=file, line=reader.line_num) from None
-        except UnicodeDecodeError as e:
-            # The text layer decodes ahead in blocks, so the reader's line is not the bad byte's: find it.
-            raise not_utf8(source, e) or DataFormatError(f"not valid UTF-8 ({e.reason})", file=file) from None
+                )
+                continue
+            if empty := [c for c in used if not row[index[c]].strip()]:
+                stats.skip(DataFormatError("empty cell", file=file, line=start, field=empty[0]))
+                continue
+            yield _record(templates, {c: row[index[c]] for c in used})

@@ -13,7 +13,8 @@ from chattune.data.schema import SourceRecord
 from chattune.errors import DataFormatError
 from chattune.infer.engine import Engine
 from chattune.infer.generate import Sampling
-from chattune.label.store import EXPORT_FORMATS, STATUSES, LabelStore, LabelStoreError, Record, checked_tools
+from chattune.label.records import EXPORT_FORMATS, STATUSES, LabelStoreError, Record, checked_tools
+from chattune.label.store import LabelStore
 from chattune.web import nav
 from chattune.web.i18n import t
 from chattune.web.session import require_page
