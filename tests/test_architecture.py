@@ -48,7 +48,8 @@ def import_graph() -> dict[str, set[str]]:
             elif isinstance(node, ast.ImportFrom):
                 base = node.module or ""
                 if node.level:
-                    base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1] + [base])
+                    parts = package.split(".")
+                    base = ".".join([*parts[: len(parts) - node.level + 1], base])
                 targets = [base] + [f"{base}.{a.name}" for a in node.names]
             else:
                 continue
