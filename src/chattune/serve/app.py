@@ -158,31 +158,6 @@ class _Guard:
 # ---------------------------------------------------------------- running generations one at a time
 
 
-class _RecordingModel:
-    """The engine's model, keeping what `generate` returned and swallowing (but recording) its errors.
-
-    `stream()` discards generate's output, but usage and finish_reason need the generated token ids; and if
-    generate raised, `stream()` would wait forever on a streamer nobody ends, holding the model slot.
-    """
-
-    def __init__(self, model: Any):
-        self.inner, self.output, self.error = model, None, None
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.inner, name)
-
-    def generate(self, *args: Any, **kwargs: Any) -> Any:
-        """Run the real generate, remembering its output or its error."""
-        self.output, self.error = None, None
-        try:
-            self.output = self.inner.generate(*args, **kwargs)
-        except Exception as e:
-            self.error = e
-            if (streamer := kwargs.get("streamer")) is not None:
-                streamer.end()
-        return self.output
-
-
 @dataclass
 class _Done:
     """The end of a generation: the new token ids (stop token included when one was generated)."""
@@ -205,8 +180,7 @@ class _Runner:
     """One model, so one generation at a time on a worker thread; requests wait in arrival order."""
 
     def __init__(self, engine: Engine):
-        self.model = _RecordingModel(engine.model)
-        self.engine = dataclasses.replace(engine, model=self.model)
+        self.engine = engine
         self.lock = asyncio.Lock()  # FIFO: waiters acquire in the order they asked
         self.pending = 0  # admitted requests whose response has not finished (see `reserve`)
         self.running = False
@@ -225,12 +199,10 @@ class _Runner:
 
     def _work(self, job: _Job, cancel: threading.Event, post: Callable[[Any], None]) -> None:
         try:
-            for piece in stream(self.engine, job.ids, job.sampling, cancel=cancel):
+            pieces = stream(self.engine, job.ids, job.sampling, cancel=cancel)
+            for piece in pieces:
                 post(piece)
-            if self.model.error is not None:
-                raise self.model.error
-            out = self.model.output
-            post(_Done(out[0, len(job.ids) :].tolist() if out is not None else []))
+            post(_Done(pieces.tokens or []))
         except Exception as e:
             post(e)
 
