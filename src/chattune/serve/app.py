@@ -11,7 +11,7 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,7 +29,7 @@ from chattune.data.schema import SourceRecord, ToolCall
 from chattune.data.templates import split_reasoning
 from chattune.errors import ConfigError, DataFormatError
 from chattune.infer.engine import Engine
-from chattune.infer.generate import Sampling, stream
+from chattune.infer.generate import Generation, Sampling
 from chattune.serve.schemas import (
     AssistantMessage,
     ChatCompletion,
@@ -177,7 +177,7 @@ class _Job:
 
 
 class _Runner:
-    """One model, so one generation at a time on a worker thread; requests wait in arrival order."""
+    """One model, so one generation at a time (on its own thread); requests wait in arrival order."""
 
     def __init__(self, engine: Engine):
         self.engine = engine
@@ -197,15 +197,6 @@ class _Runner:
         self.pending += 1  # on the event loop thread only, so no lock is needed
         return _Slot(self)
 
-    def _work(self, job: _Job, cancel: threading.Event, post: Callable[[Any], None]) -> None:
-        try:
-            pieces = stream(self.engine, job.ids, job.sampling, cancel=cancel)
-            for piece in pieces:
-                post(piece)
-            post(_Done(pieces.tokens or []))
-        except Exception as e:
-            post(e)
-
     async def pieces(self, job: _Job, cancel: threading.Event) -> AsyncIterator[str | _Done]:
         """Text pieces as they are generated, then a `_Done`; the model is held until it is idle again."""
         async with self.lock:
@@ -213,29 +204,31 @@ class _Runner:
                 return
             loop = asyncio.get_running_loop()
             queue: asyncio.Queue[Any] = asyncio.Queue()
+            ended = object()
 
             def post(item: Any) -> None:
                 # RuntimeError: the event loop closed (server shut down), so nobody is listening
                 with contextlib.suppress(RuntimeError):
                     loop.call_soon_threadsafe(queue.put_nowait, item)
 
-            thread = threading.Thread(target=self._work, args=(job, cancel, post), daemon=True)
-            self.running = True
-            thread.start()
+            # the generation's own thread hands its text straight to this loop: no thread of ours in between
+            generation = Generation(
+                self.engine, job.ids, job.sampling, on_text=post, on_end=lambda: post(ended), cancel=cancel
+            )
+            self.running, finished = True, False
+            generation.start()
             try:
-                while True:
-                    item = await queue.get()
-                    if isinstance(item, Exception):
-                        raise item
+                while (item := await queue.get()) is not ended:
                     yield item
-                    if isinstance(item, _Done):
-                        return
+                finished = True
+                yield _Done(generation.result())  # generate's error, if it raised, is raised here
             finally:
                 # on disconnect or error: stop the model, and keep it until it has really stopped,
                 # so the next request never runs beside a generation that is still finishing
                 cancel.set()
                 with anyio.CancelScope(shield=True):
-                    await anyio.to_thread.run_sync(thread.join)
+                    while not finished and await queue.get() is not ended:
+                        pass
                 self.running = False
 
 
