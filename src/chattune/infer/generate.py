@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from queue import SimpleQueue
 from threading import Event, Thread
 from typing import Any
 
@@ -110,39 +111,132 @@ def _cancel_criteria(cancel: Event) -> Any:
     return StoppingCriteriaList([Cancelled()])
 
 
-def stream(
-    engine: Engine, prompt_ids: list[int], sampling: Sampling, cancel: Event | None = None
-) -> Iterator[str]:
-    """Yield the reply as it is generated (text pieces); setting `cancel` stops generation at the next token."""
-    from transformers import TextIteratorStreamer
+class Generation:
+    """One reply generated on a thread of its own: the one place that runs `model.generate` in the background.
 
-    if sampling.seed is not None:
-        torch.manual_seed(sampling.seed)
-    device = next(engine.model.parameters()).device
-    inputs = _left_pad([prompt_ids], engine.tokenizer.pad_token_id, device)
-    streamer = TextIteratorStreamer(engine.tokenizer, skip_prompt=True, skip_special_tokens=True)
-    # our own event also stops generation when the consumer stops reading (closed generator, Ctrl-C)
-    stop = cancel if cancel is not None else Event()
-    kwargs = sampling.generate_kwargs(engine) | {
-        "streamer": streamer,
-        "stopping_criteria": _cancel_criteria(stop),
-    }
-    failure: list[BaseException] = []
+    Text pieces go to `on_text` as they are decoded, and `on_end()` is called once generate has returned or
+    raised, both on the generating thread; `result()` then gives the new token ids (the stop token included
+    when one was generated) or re-raises generate's error in the caller's thread. Setting `cancel` stops
+    generation at the next token.
+    """
 
-    def run() -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        prompt_ids: list[int],
+        sampling: Sampling,
+        *,
+        on_text: Callable[[str], object],
+        on_end: Callable[[], object],
+        cancel: Event | None = None,
+    ):
+        self.engine, self.prompt_ids, self.sampling = engine, prompt_ids, sampling
+        self.on_text, self.on_end = on_text, on_end
+        # our own event when none is given: a consumer that stops reading still stops generation through it
+        self.cancel = cancel if cancel is not None else Event()
+        self.tokens: list[int] | None = None
+        self.error: BaseException | None = None
+        self._thread = Thread(target=self._run, daemon=True)
+
+    def start(self) -> None:
+        """Begin generating in the background."""
+        self._thread.start()
+
+    def join(self, timeout: float | None = None) -> None:
+        """Wait for the generating thread to finish."""
+        self._thread.join(timeout)
+
+    def result(self) -> list[int]:
+        """The new token ids once generation has ended; generate's error, if it raised, is raised here."""
+        if self.error is not None:
+            raise self.error
+        if self.tokens is None:
+            raise RuntimeError("the generation has not ended yet")
+        return self.tokens
+
+    def _run(self) -> None:
+        from transformers import TextStreamer
+
+        on_text = self.on_text
+
+        class Relay(TextStreamer):
+            def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
+                on_text(text)
+
+        engine = self.engine
         try:
-            with torch.no_grad():
-                engine.model.generate(**inputs, **kwargs)
-        except BaseException as e:  # re-raised in the consumer's thread below
-            failure.append(e)
-            streamer.end()  # unblock the consumer, which would otherwise wait for text forever
+            if self.sampling.seed is not None:
+                torch.manual_seed(self.sampling.seed)
+            device = next(engine.model.parameters()).device
+            inputs = _left_pad([self.prompt_ids], engine.tokenizer.pad_token_id, device)
+            streamer = Relay(engine.tokenizer, skip_prompt=True, skip_special_tokens=True)
+            kwargs = self.sampling.generate_kwargs(engine) | {
+                "streamer": streamer,
+                "stopping_criteria": _cancel_criteria(self.cancel),
+            }
+            try:
+                with torch.no_grad():
+                    out = engine.model.generate(**inputs, **kwargs)
+            except BaseException:
+                streamer.end()  # pass on the text decoded so far, as a generation that ended would
+                raise
+            self.tokens = out[0, inputs["input_ids"].shape[1] :].tolist()
+        except BaseException as e:  # re-raised in the consumer's thread by `result()`
+            self.error = e
+        finally:
+            self.on_end()
 
-    worker = Thread(target=run, daemon=True)
-    worker.start()
-    try:
-        yield from streamer
-    finally:
-        stop.set()
-        worker.join()
-    if failure:
-        raise failure[0]
+
+_END = object()  # what a `Stream`'s queue holds after the last piece
+
+
+class Stream:
+    """The reply as it is generated, in text pieces; once iteration ends, `tokens` holds the new token ids.
+
+    Generation starts with the first piece asked for; generate's error is raised in the consumer. When the
+    consumer stops reading early (closed iterator, Ctrl-C), generation is cancelled and waited for.
+    """
+
+    def __init__(
+        self, engine: Engine, prompt_ids: list[int], sampling: Sampling, cancel: Event | None = None
+    ):
+        self.tokens: list[int] | None = None
+        self._queue: SimpleQueue[Any] = SimpleQueue()
+        self._generation = Generation(
+            engine,
+            prompt_ids,
+            sampling,
+            on_text=self._queue.put,
+            on_end=lambda: self._queue.put(_END),
+            cancel=cancel,
+        )
+        self._pieces = self._read()
+
+    def __iter__(self) -> Stream:
+        return self
+
+    def __next__(self) -> str:
+        return next(self._pieces)
+
+    def close(self) -> None:
+        """Stop reading: cancel generation and wait for it to end."""
+        self._pieces.close()
+
+    def _read(self) -> Iterator[str]:
+        generation = self._generation
+        generation.start()
+        try:
+            while (piece := self._queue.get()) is not _END:
+                yield piece
+        finally:
+            generation.cancel.set()
+            generation.join()
+        self.tokens = generation.result()
+
+
+def stream(engine: Engine, prompt_ids: list[int], sampling: Sampling, cancel: Event | None = None) -> Stream:
+    """Yield the reply as it is generated (text pieces); setting `cancel` stops generation at the next token.
+
+    After the last piece, the returned `Stream`'s `tokens` holds the new token ids.
+    """
+    return Stream(engine, prompt_ids, sampling, cancel)

@@ -9,7 +9,8 @@ from fastapi import FastAPI
 
 from chattune.errors import ConfigError
 from chattune.infer.engine import Engine
-from chattune.serve.app import ServeLimits, create_app
+from chattune.serve.app import create_app
+from chattune.serve.limits import ServeLimits
 from chattune.system import is_loopback
 
 
