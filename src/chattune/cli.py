@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated
 
@@ -22,20 +23,20 @@ app.add_typer(model_app, name="model")
 out = Console(soft_wrap=True)
 err = Console(stderr=True, soft_wrap=True)
 
-RUNNING_AS_PROGRAM = False  # set by main(): this process is the `chattune` program itself
+PROGRAM = object()  # main() passes this as the context object: the process is the `chattune` program itself
 
 ConfigArg = Annotated[Path, typer.Argument(help="YAML config file")]
 Overrides = Annotated[list[str] | None, typer.Argument(help="key=value overrides of config keys")]
 
 
 @app.command()
-def train(config: ConfigArg, overrides: Overrides = None) -> None:
+def train(ctx: typer.Context, config: ConfigArg, overrides: Overrides = None) -> None:
     """Fine-tune a model: `chattune train CONFIG.yaml [key=value ...]`."""
     from chattune.config import load_config
     from chattune.system import use_allocator
 
     cfg = load_config(config, overrides or [])
-    if RUNNING_AS_PROGRAM:  # never exec over a caller that imported the app (tests, notebooks)
+    if ctx.obj is PROGRAM:  # never exec over a caller that imported the app (tests, notebooks)
         use_allocator(cfg.allocator)
     from chattune.train.run import run_training
 
@@ -301,6 +302,7 @@ def serve(
 
 @data_app.command("check")
 def data_check(
+    ctx: typer.Context,
     config: ConfigArg,
     overrides: Overrides = None,
     n: Annotated[int, typer.Option("-n", help="samples to show")] = 1,
@@ -311,37 +313,10 @@ def data_check(
 ) -> None:
     """Show how samples are tokenised and which tokens are learnt, then the data statistics."""
     from chattune.config import load_config
-    from chattune.data.cache import lookup, probe_key
-    from chattune.data.check import print_check, print_json_samples
-    from chattune.data.prepare import data_cache_dir
+    from chattune.train.data_check import check_data
 
     cfg = load_config(config, overrides or [])
-    key = {"train": "train_file", "eval": "eval_file"}.get(split)
-    if key is None:
-        raise ChattuneError(f"--split must be train or eval, not {split!r}")
-    cfg.require(key)
-    file = getattr(cfg, key)
-    # taken before the tokenizer loads: should its files change meanwhile, the index written below is filed
-    # under their old state, which no later run matches
-    probe = probe_key(cfg, file)
-    hit = lookup(data_cache_dir(), probe, n, with_tokens=not as_json) if probe else None
-    if hit is not None:  # already encoded: printed from the cache alone, no tokenizer (torch, transformers)
-        rows, stats, names, header = hit.rows, hit.stats, hit.tokens, (hit.template, hit.tokenizer)
-    else:
-        from chattune.data.prepare import encode_split, template_for
-        from chattune.models.load import load_tokenizer
-
-        if RUNNING_AS_PROGRAM:
-            quiet_libraries()
-        tokenizer = load_tokenizer(cfg.model, cfg.tokenizer, cfg.trust_remote_code)
-        template = template_for(cfg, tokenizer)
-        dataset, stats = encode_split(cfg, tokenizer, template, file, err, probe=probe)
-        rows = dataset.select(range(min(n, len(dataset))))
-        names, header = tokenizer, (template.name, tokenizer.name_or_path)
-    if as_json:
-        print_json_samples(out, rows)
-        return
-    print_check(out, *header, names, rows, stats)
+    check_data(cfg, split, n, as_json, out=out, err=err, before_libraries=_quiet_if_program(ctx))
 
 
 @data_app.command("convert")
@@ -395,10 +370,13 @@ def model_convert_chatglm3(source: Path, destination: Path) -> None:
 
 
 def quiet_libraries() -> None:
-    """Keep the console for our progress and errors: no library deprecation chatter or weight-loading bars."""
+    """Keep the console for our progress and errors: no deprecation chatter from the ML libraries, no
+    weight-loading bars. Only their FutureWarnings are silenced, not the process's."""
     import warnings
 
-    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings(
+        "ignore", category=FutureWarning, module=r"(transformers|peft|accelerate|datasets|torch|trl)(\.|$)"
+    )
     import datasets
     import transformers
 
@@ -407,20 +385,23 @@ def quiet_libraries() -> None:
     datasets.disable_progress_bars()
 
 
-# commands that import transformers and datasets only when they need them, and call quiet_libraries() then
-# (`data check` on an already encoded file needs neither: importing them would be most of its time)
-LAZY_COMMANDS = (["data", "check"],)
+def _quiet_if_program(ctx: typer.Context) -> Callable[[], None]:
+    """quiet_libraries, for a command to call once it needs the libraries (only in the `chattune` program)."""
+    return quiet_libraries if ctx.find_root().obj is PROGRAM else (lambda: None)
+
+
+@app.callback()
+def _before_any_command(ctx: typer.Context) -> None:
+    # `data` commands import transformers and datasets only when they need them, and quiet them then
+    # (`data check` on an already encoded file needs neither: importing them would be most of its time)
+    if ctx.obj is PROGRAM and ctx.invoked_subcommand != "data":
+        quiet_libraries()
 
 
 def main() -> None:
     """Entry point: run the app; user-facing errors become one paragraph on stderr and a non-zero exit."""
-    global RUNNING_AS_PROGRAM
-    RUNNING_AS_PROGRAM = True
-    args = sys.argv[1:]
-    if args and not any(a in ("--help", "-h") for a in args) and args[:2] not in LAZY_COMMANDS:
-        quiet_libraries()
     try:
-        app()
+        app(obj=PROGRAM)
     except ChattuneError as e:
         err.print(f"[bold red]Error:[/] {e}", highlight=False)
         sys.exit(e.exit_code)

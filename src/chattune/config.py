@@ -26,7 +26,8 @@ REGISTERED = {
 
 
 class TrainConfig(BaseModel):
-    """Everything a run needs. Field names are a public contract (design.md); descriptions feed the docs."""
+    """Everything a run needs. Field names are a public contract (configs in the wild use them; the README's
+    tables list them); descriptions feed `--help`-style docs."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 

@@ -14,14 +14,13 @@ from rich.console import Console
 from chattune.config import build_config
 from chattune.data.schema import Conversation, Message, Pair, ToolCall
 from chattune.errors import ConfigError
+from chattune.evaluate.generation import compute_generation_metrics, eval_items
 from chattune.evaluate.metrics import is_count
 from chattune.evaluate.run import (
     BASE_PREDICTIONS_FILE,
     METRICS_FILE,
     PREDICTIONS_FILE,
-    compute_generation_metrics,
     eval_from_config,
-    eval_items,
     run_eval,
     score_file,
 )
@@ -133,7 +132,7 @@ def check_scores(scores: dict) -> None:
 
 def predict_directly(model_dir, data_file) -> list[str]:
     """The base model's predictions, loaded on its own, to compare the eval's base run with."""
-    from chattune.evaluate.run import generate_rows, items_from_file
+    from chattune.evaluate.generation import generate_rows, items_from_file
 
     engine = load_engine(str(model_dir), template="hf")
     return [r["prediction"] for r in generate_rows(engine, items_from_file(data_file), SAMPLING)]

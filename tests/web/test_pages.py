@@ -351,8 +351,8 @@ def test_playground_side_by_side(tmp_path: Path, tiny_model_dir: Path, tool_mode
     from tests.web.conftest import TOOL_PROMPT
 
     from chattune.infer.engine import load_engine
-    from chattune.infer.generate import Sampling
-    from chattune.web.views.playground import complete, prompt_ids
+    from chattune.infer.generate import Sampling, reply_to
+    from chattune.web.models import prompt_ids
 
     ws = Workspace(tmp_path / "ws")
     shutil.copytree(tiny_model_dir, ws.root / "models" / "tiny")
@@ -370,7 +370,7 @@ def test_playground_side_by_side(tmp_path: Path, tiny_model_dir: Path, tool_mode
     expected = {}
     for label, path in (("base", ws.root / "models" / "tiny"), ("tuned", ws.runs_dir / "tuned" / "final")):
         engine = load_engine(str(path))
-        expected[label] = complete(
+        expected[label] = reply_to(
             engine, prompt_ids(engine, TOOL_PROMPT), Sampling(max_new_tokens=40)
         ).display()
     assert result == {"prompt": TOOL_PROMPT, **expected} and expected["base"] != expected["tuned"]
@@ -423,8 +423,8 @@ def test_playground_feedback_sends_corrections(tmp_path: Path, tiny_model_dir: P
 
 def test_labeling_prefill_from_model(tmp_path: Path, tiny_model_dir: Path) -> None:
     from chattune.infer.engine import load_engine
-    from chattune.infer.generate import Sampling
-    from chattune.web.views.playground import complete, prompt_ids
+    from chattune.infer.generate import Sampling, reply_to
+    from chattune.web.models import prompt_ids
 
     ws = Workspace(tmp_path / "ws")
     shutil.copytree(tiny_model_dir, ws.root / "models" / "tiny")
@@ -442,7 +442,7 @@ def test_labeling_prefill_from_model(tmp_path: Path, tiny_model_dir: Path) -> No
     assert not at.exception, at.exception
     # what the same model says to the same prompt outside the page
     engine = load_engine(str(ws.root / "models" / "tiny"))
-    expected = complete(
+    expected = reply_to(
         engine, prompt_ids(engine, "Capital of France?"), Sampling(max_new_tokens=12)
     ).display()
     rec = LabelStore(ws.labels_path).get(rid)

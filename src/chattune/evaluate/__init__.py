@@ -20,7 +20,7 @@ __all__ = ["FAMILIES", *_RUN_NAMES, "evaluate_predictions", "parse_json", "text_
 def __getattr__(name: str) -> Any:
     # the command's side imports torch; scoring predictions alone should not pay for that
     if name in _RUN_NAMES:
-        from chattune.evaluate import run
+        from chattune.evaluate import generation, run
 
-        return getattr(run, name)
+        return getattr(generation, name, None) or getattr(run, name)
     raise AttributeError(f"module 'chattune.evaluate' has no attribute {name!r}")

@@ -10,7 +10,6 @@ from typing import Any
 
 import torch
 
-from chattune.data.schema import Sample
 from chattune.data.templates import ParsedReply
 from chattune.infer.engine import Engine
 
@@ -90,10 +89,9 @@ def generate_batch(
     return replies
 
 
-def generate_one(engine: Engine, sample: Sample, sampling: Sampling) -> ParsedReply:
-    """The reply to one sample, encoded exactly as training encoded its format."""
-    raw = generate_batch(engine, [engine.template.encode_prompt(sample)], sampling, batch_size=1)[0]
-    return engine.template.parse_reply(raw)
+def reply_to(engine: Engine, ids: list[int], sampling: Sampling) -> ParsedReply:
+    """The model's whole reply to prompt ids (no streaming), parsed by its template."""
+    return engine.template.parse_reply(generate_batch(engine, [ids], sampling, batch_size=1)[0])
 
 
 def _cancel_criteria(cancel: Event) -> Any:

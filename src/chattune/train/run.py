@@ -57,6 +57,7 @@ def training_arguments(cfg: TrainConfig, precision: str) -> Any:
         gradient_accumulation_steps=cfg.grad_accum,
         learning_rate=cfg.learning_rate,
         lr_scheduler_type=cfg.lr_scheduler,
+        # transformers 5 took warmup_ratio into warmup_steps: a float below 1 there is a fraction of the steps
         warmup_steps=cfg.warmup_ratio,
         weight_decay=cfg.weight_decay,
         max_grad_norm=cfg.max_grad_norm,
@@ -96,7 +97,7 @@ def generation_metrics_fn(cfg: TrainConfig, tokenizer: Any, template: Any) -> An
     from itertools import islice
 
     from chattune.data.formats import read_samples
-    from chattune.evaluate.run import compute_generation_metrics
+    from chattune.evaluate.generation import compute_generation_metrics
     from chattune.infer.engine import Engine
     from chattune.infer.generate import Sampling
 

@@ -12,13 +12,13 @@ from chattune.data.formats import FORMATS, Where
 from chattune.data.schema import SourceRecord
 from chattune.errors import DataFormatError
 from chattune.infer.engine import Engine
-from chattune.infer.generate import Sampling
+from chattune.infer.generate import Sampling, reply_to
 from chattune.label.records import EXPORT_FORMATS, STATUSES, LabelStoreError, Record, checked_tools
 from chattune.label.store import LabelStore
 from chattune.web import nav
 from chattune.web.i18n import t
+from chattune.web.models import load, pick_model, prompt_ids
 from chattune.web.session import require_page
-from chattune.web.views.playground import complete, load, pick_model, prompt_ids
 from chattune.web.workspace import Workspace, current
 
 # Streamlit gained button shortcuts in 1.5x; older versions reject the keyword, so pass it only when known
@@ -52,7 +52,7 @@ def prefill_model(ws: Workspace) -> tuple[tuple[str, str | None] | None, Samplin
 def draft_fields(engine: Engine, rec: Record, sampling: Sampling) -> dict[str, Any]:
     """The model's draft for a record: an instruction's output, or a conversation's closing assistant turn."""
     if rec.kind == "instruction":
-        return {"output": complete(engine, prompt_ids(engine, rec.prompt_text()), sampling).display()}
+        return {"output": reply_to(engine, prompt_ids(engine, rec.prompt_text()), sampling).display()}
     # the reply is drafted for what comes before the final assistant turns, which it replaces
     head = list(rec.messages)
     while head and head[-1].get("role") == "assistant":
@@ -62,7 +62,7 @@ def draft_fields(engine: Engine, rec: Record, sampling: Sampling) -> dict[str, A
     value = {"conversations": head} | ({"tools": rec.tools} if rec.tools else {})  # the model sees the tools
     where = Where(SourceRecord("label store", rec.id, value), require_target=False)
     conv = FORMATS.get("conversations")(value, where)
-    reply = complete(engine, engine.template.encode_prompt(conv), sampling)
+    reply = reply_to(engine, engine.template.encode_prompt(conv), sampling)
     return {"messages": [*head, {"role": "assistant", "content": reply.display()}]}
 
 

@@ -16,14 +16,13 @@ from chattune.data.schema import Conversation, Message, Pair, ToolCall
 from chattune.data.templates import ParsedReply
 from chattune.infer.chat import parse_tools, reply_messages
 from chattune.infer.engine import Engine
-from chattune.infer.generate import Sampling, generate_batch, stream
+from chattune.infer.generate import Sampling, reply_to, stream
 from chattune.web.i18n import t
+from chattune.web.models import load, pick_model, prompt_ids
 from chattune.web.session import require_page
 from chattune.web.workspace import Workspace, current
 
-NO_ADAPTER = "(none: base model only)"  # an option value; shown through t()
 MODES = ["chat", "tool", "raw generate", "side by side"]  # option values; shown through t()
-DEFAULT_BASE = "smollm2-135m-instruct"
 DEFAULT_TOOLS = json.dumps(
     [
         {
@@ -38,26 +37,6 @@ DEFAULT_TOOLS = json.dumps(
     ],
     indent=2,
 )
-
-
-# the spinner is load()'s: a decorator's text is fixed at import, before any session has a language
-@st.cache_resource(max_entries=2, show_spinner=False)
-def _engine(base: str, adapter: str | None) -> Engine:
-    """A loaded model, shared by every session (loading takes long; two kept for base vs tuned)."""
-    from chattune.infer.engine import load_engine
-
-    return load_engine(base, adapter)
-
-
-def load(base: str, adapter: str | None) -> Engine | None:
-    """The cached engine for (base, adapter), or None after showing why it could not be loaded."""
-    try:
-        # st.spinner waits a moment before it shows, so a cached model draws no spinner
-        with st.spinner(t("loading the model…")):
-            return _engine(base, adapter)
-    except Exception as e:  # any loading failure is shown on the page rather than crashing the app
-        st.error(t("could not load the model: {error}", error=e))
-        return None
 
 
 def sampling_controls(prefix: str = "") -> Sampling:
@@ -75,28 +54,6 @@ def sampling_controls(prefix: str = "") -> Sampling:
     )
 
 
-def pick_model(ws: Workspace, prefix: str = "") -> tuple[str, str | None] | None:
-    """Base model and adapter chosen in the sidebar, checked against the workspace.
-
-    `?base=` and `?adapter=` in the URL preselect them, so the monitor can link a finished run here.
-    """
-    sb = st.sidebar
-    adapters = [NO_ADAPTER, *ws.adapters()]
-    wanted = st.query_params.get("adapter")
-    base_text = sb.text_input(t("Base model"), st.query_params.get("base", DEFAULT_BASE), key=f"{prefix}base_model",
-                              help=t("a model directory inside the workspace, or a hub id / alias"))  # fmt: skip
-    index = adapters.index(wanted) if wanted in adapters else 0
-    adapter = sb.selectbox(t("Adapter"), adapters, index=index, key=f"{prefix}adapter",
-                         format_func=lambda a: t("(none: base model only)") if a == NO_ADAPTER else a)  # fmt: skip
-    try:
-        base = ws.model_source(base_text)
-        adapter_path = None if adapter == NO_ADAPTER else str(ws.resolve(adapter))
-    except ValueError as e:
-        st.error(str(e))
-        return None
-    return base, adapter_path
-
-
 def pending_calls(messages: list[Message]) -> list[ToolCall]:
     """Tool calls of the last reply that still wait for an observation, in order."""
     i, answered = len(messages), 0
@@ -107,19 +64,6 @@ def pending_calls(messages: list[Message]) -> list[ToolCall]:
         i -= 1
         calls.insert(0, messages[i].tool_call)
     return calls[answered:]
-
-
-def prompt_ids(engine: Engine, prompt: str, system: str = "") -> list[int]:
-    """A single prompt as the model expects it: a chat turn, or the raw pair encoding for raw-template models."""
-    if engine.template.name == "raw":
-        return engine.template.encode_prompt(Pair(prompt, ""))
-    msgs = ([Message("system", system)] if system.strip() else []) + [Message("user", prompt)]
-    return engine.template.encode_prompt(Conversation(msgs))
-
-
-def complete(engine: Engine, ids: list[int], sampling: Sampling) -> ParsedReply:
-    """The model's whole reply to prompt ids, parsed by its template (no streaming)."""
-    return engine.template.parse_reply(generate_batch(engine, [ids], sampling, batch_size=1)[0])
 
 
 def _stream_reply(engine: Engine, conv: Conversation, sampling: Sampling) -> ParsedReply:
@@ -294,7 +238,7 @@ def raw_mode(ws: Workspace, engine: Engine, sampling: Sampling) -> None:
     """Raw generation with the training encoding of a prompt/response pair."""
     prompt = st.text_area(t("Prompt"), "", key="raw_prompt", height=120)
     if st.button(t("Generate"), key="generate", type="primary") and prompt.strip():
-        reply = complete(engine, engine.template.encode_prompt(Pair(prompt, "")), sampling)
+        reply = reply_to(engine, engine.template.encode_prompt(Pair(prompt, "")), sampling)
         st.session_state["raw_result"] = (prompt, reply.display())
         st.session_state.pop("raw_feedback", None)
     if result := st.session_state.get("raw_result"):
@@ -319,7 +263,7 @@ def compare_mode(base: str, adapter: str | None, sampling: Sampling) -> None:
             engine = load(base, adapter_path)
             if engine is None:
                 return
-            answers[label] = complete(engine, prompt_ids(engine, prompt, system), sampling).display()
+            answers[label] = reply_to(engine, prompt_ids(engine, prompt, system), sampling).display()
         st.session_state["compare_result"] = {"prompt": prompt, **answers}
     if result := st.session_state.get("compare_result"):
         st.caption(t("prompt: {prompt}", prompt=result["prompt"]))
