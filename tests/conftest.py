@@ -48,10 +48,11 @@ def replies_in(engine, precision: str, prompts: list, max_new_tokens: int = 64) 
     import copy
     import dataclasses
 
-    from chattune.infer.generate import Sampling, generate_one
+    from chattune.infer.generate import Sampling, reply_to
 
     cast = dataclasses.replace(engine, model=copy.deepcopy(engine.model).to(DTYPES[precision]))
-    return [generate_one(cast, p, Sampling(max_new_tokens=max_new_tokens)) for p in prompts]
+    sampling = Sampling(max_new_tokens=max_new_tokens)
+    return [reply_to(cast, cast.template.encode_prompt(p), sampling) for p in prompts]
 
 
 def pytest_addoption(parser) -> None:
