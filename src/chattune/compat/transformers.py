@@ -7,9 +7,12 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from transformers import Trainer
+
+if TYPE_CHECKING:
+    from torch.nn import Module
 
 WRITTEN_AGAINST = "5.25.0"
 
@@ -71,7 +74,7 @@ class TrainerHooks(Trainer):
             return None
         return super()._run_epoch(*args, **kwargs)
 
-    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Module = None) -> None:
         with self.resume_errors(resume_from_checkpoint):
             super()._load_from_checkpoint(resume_from_checkpoint, model)
 
@@ -90,7 +93,7 @@ class TrainerHooks(Trainer):
     def _get_output_dir(self, trial: Any) -> str:
         return self.staging_dir() or super()._get_output_dir(trial)
 
-    def _save_checkpoint(self, model: Any, trial: Any) -> None:
+    def _save_checkpoint(self, model: Module, trial: Any) -> None:
         self.commit_checkpoint(lambda: super(TrainerHooks, self)._save_checkpoint(model, trial))
 
 
@@ -185,7 +188,7 @@ def quiet_gguf_loading() -> Iterator[None]:
         gguf_utils.tqdm = bar
 
 
-def drop_gguf_quantization(model: Any) -> None:
+def drop_gguf_quantization(model: Module) -> None:
     """Forget that a model came from a GGUF file, so `save_pretrained` writes plain safetensors (the weights
     are already dequantized): transformers keeps the GGUF quantizer attached with no public way to drop it."""
     quantizer = getattr(model, "hf_quantizer", None)

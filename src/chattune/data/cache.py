@@ -29,6 +29,8 @@ from chattune.data.encode import ENCODING_REVISION, DataStats, entry_paths, file
 from chattune.paths import is_pulled, model_dir
 
 if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
     from chattune.config import TrainConfig
 
 # bump when the probe's inputs or the index's layout change
@@ -106,7 +108,9 @@ def probe_key(cfg: TrainConfig, file: str) -> str | None:
     return _digest(json.dumps(parts, sort_keys=True).encode())
 
 
-def remember(cache_dir: Path, probe: str, template_name: str, tokenizer: Any, key: str) -> None:
+def remember(
+    cache_dir: Path, probe: str, template_name: str, tokenizer: PreTrainedTokenizerBase, key: str
+) -> None:
     """Index the cache entry `key` under `probe`, with what printing it needs; best effort, never an error."""
     try:
         entry = {

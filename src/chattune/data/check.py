@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.table import Table
@@ -12,9 +12,15 @@ from rich.table import Table
 from chattune.data.encode import DataStats
 from chattune.data.templates import IGNORE_INDEX
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
 
 def sanity_lines(
-    tokenizer: Any, input_ids: Sequence[int], labels: Sequence[int], reasoning: Sequence[int] = ()
+    tokenizer: PreTrainedTokenizerBase,
+    input_ids: Sequence[int],
+    labels: Sequence[int],
+    reasoning: Sequence[int] = (),
 ) -> list[tuple[str, bool]]:
     """One line per token, ChatGLM3-style `'%20s: %6d -> %6d'`, and whether the token is learnt.
 
@@ -33,7 +39,7 @@ def sanity_lines(
 
 def print_sanity(
     console: Console,
-    tokenizer: Any,
+    tokenizer: PreTrainedTokenizerBase,
     input_ids: Sequence[int],
     labels: Sequence[int],
     reasoning: Sequence[int] = (),
@@ -47,7 +53,12 @@ def print_sanity(
 
 
 def print_check(
-    console: Console, template_name: str, tokenizer_name: str, tokenizer: Any, rows: Any, stats: DataStats
+    console: Console,
+    template_name: str,
+    tokenizer_name: str,
+    tokenizer: PreTrainedTokenizerBase,
+    rows: Any,
+    stats: DataStats,
 ) -> None:
     """`data check`'s report: the template and tokenizer, each row's sanity table, then the statistics."""
     console.print(f"template: {template_name}   tokenizer: {tokenizer_name}", highlight=False)

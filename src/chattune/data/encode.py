@@ -27,6 +27,9 @@ from chattune.data.templates import Encoded, Template
 from chattune.errors import DataFormatError
 from chattune.system import available_cores
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
 if TYPE_CHECKING:  # `datasets` costs about a second to import; `data check` on a cached file never needs it
     import datasets
 
@@ -89,7 +92,7 @@ def file_identity(st: os.stat_result) -> list[int]:
     return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
 
 
-def tokenizer_fingerprint(tokenizer: Any) -> str:
+def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
     """A short hash of what decides the tokenizer's output (class, vocab size, specials, chat template, files)."""
     h = hashlib.sha256()
     parts = [type(tokenizer).__name__, str(len(tokenizer)), str(getattr(tokenizer, "chat_template", ""))]
@@ -102,7 +105,9 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
     return h.hexdigest()[:16]
 
 
-def cache_key(path: Path, template: Template, tokenizer: Any, settings: dict[str, Any]) -> str:
+def cache_key(
+    path: Path, template: Template, tokenizer: PreTrainedTokenizerBase, settings: dict[str, Any]
+) -> str:
     """Identifies one preprocessing result: the file's identity, the template, tokenizer and settings."""
     key = {
         "file": str(path.resolve()),
@@ -327,7 +332,7 @@ def load_stats(meta: Path) -> DataStats:
 def encode_file(
     path: str | Path,
     template: Template,
-    tokenizer: Any,
+    tokenizer: PreTrainedTokenizerBase,
     *,
     fmt: str = "auto",
     on_bad_record: str = "error",

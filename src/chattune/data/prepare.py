@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from rich.console import Console
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
@@ -16,6 +16,7 @@ from chattune.paths import data_cache_home
 
 if TYPE_CHECKING:
     import datasets
+    from transformers import PreTrainedTokenizerBase
 
     from chattune.config import TrainConfig
 
@@ -25,7 +26,7 @@ def limits_of(cfg: TrainConfig) -> Limits:
     return Limits(cfg.max_seq_len, cfg.max_source_len, cfg.max_target_len)
 
 
-def template_for(cfg: TrainConfig, tokenizer: Any) -> Template:
+def template_for(cfg: TrainConfig, tokenizer: PreTrainedTokenizerBase) -> Template:
     """The config's template bound to this tokenizer."""
     return build_template(cfg.template, tokenizer, limits_of(cfg), train_reasoning=cfg.train_reasoning)
 
@@ -37,7 +38,7 @@ def data_cache_dir() -> Path:
 
 def encode_split(
     cfg: TrainConfig,
-    tokenizer: Any,
+    tokenizer: PreTrainedTokenizerBase,
     template: Template,
     file: str,
     console: Console,

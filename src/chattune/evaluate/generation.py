@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -19,12 +19,16 @@ from chattune.evaluate.metrics import Row, evaluate_predictions
 from chattune.infer.batch import Prompt, as_prompt, read_samples_for_inference
 from chattune.infer.generate import Sampling, generate_batch
 
+if TYPE_CHECKING:
+    from torch.nn import Module
+    from transformers import PreTrainedTokenizerBase
+
 
 class EngineLike(Protocol):
     """What generation needs: a model, its tokenizer and the template it was trained with (e.g. an `Engine`)."""
 
-    model: Any
-    tokenizer: Any
+    model: Module
+    tokenizer: PreTrainedTokenizerBase
     template: Any
 
 

@@ -5,19 +5,23 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from chattune.data.templates import Template, build_template
 from chattune.errors import ConfigError, ModelLoadError
 from chattune.rundir import ADAPTER_CONFIG, read_run_info
+
+if TYPE_CHECKING:
+    from torch.nn import Module
+    from transformers import PreTrainedTokenizerBase
 
 
 @dataclass
 class Engine:
     """A loaded model ready to generate, with the tokenizer and template it was trained with."""
 
-    model: Any
-    tokenizer: Any
+    model: Module
+    tokenizer: PreTrainedTokenizerBase
     template: Template
     name: str
     has_adapter: bool

@@ -19,13 +19,16 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from chattune.compat.transformers import name_or_path
 from chattune.errors import ConfigError
+
+if TYPE_CHECKING:
+    from torch.nn import Module
 
 # transformers architecture -> (gguf architecture name, whether q/k rows are permuted for llama.cpp's rope)
 ARCHITECTURES = {
@@ -113,7 +116,7 @@ class PlannedTensor:
     values: Callable[[], torch.Tensor]
 
 
-def plan_tensors(model: Any, arch: str, requested: str) -> list[PlannedTensor]:
+def plan_tensors(model: Module, arch: str, requested: str) -> list[PlannedTensor]:
     """Every tensor of the GGUF, in file order, mapped and reshaped from the model's state dict."""
     import gguf
 
@@ -192,7 +195,7 @@ def write_hparams(writer: Any, cfg: Any, arch: str, requested: str) -> None:
 
 def write_gguf(
     path: Path,
-    model: Any,
+    model: Module,
     arch: str,
     requested: str,
     metadata: Callable[[Any], None],

@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from chattune.data.schema import TOOLS_SYSTEM_PREFIX
 from chattune.data.templates.base import is_chatglm3_tokenizer
 from chattune.errors import ConfigError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 # ChatGLM3's training encoding as Jinja, for llama.cpp's and transformers' chat-template renderers.
 # `<|role|>` + sp("\n") + sp(content) is what training feeds; a SentencePiece pass over "\n content" gives
@@ -44,7 +47,7 @@ def chat_template_for(template: Any) -> str | None:
     return None
 
 
-def tokenizer_kind(tok: Any) -> str:
+def tokenizer_kind(tok: PreTrainedTokenizerBase) -> str:
     """`spm` for ChatGLM3's SentencePiece tokenizer, `bpe` for a byte-level BPE one; else a ConfigError."""
     if is_chatglm3_tokenizer(tok):
         return "spm"
@@ -61,7 +64,7 @@ def tokenizer_kind(tok: Any) -> str:
     )
 
 
-def adds_bos(tok: Any, chat_template: str | None) -> bool:
+def adds_bos(tok: PreTrainedTokenizerBase, chat_template: str | None) -> bool:
     """Whether llama.cpp should put bos first: where the tokenizer does and the chat template does not."""
     bos = tok.bos_token_id
     if bos is None or is_chatglm3_tokenizer(tok):
@@ -74,7 +77,7 @@ def adds_bos(tok: Any, chat_template: str | None) -> bool:
     return True
 
 
-def _bpe_tokens(tok: Any, n_vocab: int) -> tuple[list[str], list[int]]:
+def _bpe_tokens(tok: PreTrainedTokenizerBase, n_vocab: int) -> tuple[list[str], list[int]]:
     import gguf
 
     T = gguf.TokenType
@@ -91,7 +94,7 @@ def _bpe_tokens(tok: Any, n_vocab: int) -> tuple[list[str], list[int]]:
     return tokens, types
 
 
-def _spm_tokens(tok: Any, n_vocab: int) -> tuple[list[bytes], list[float], list[int]]:
+def _spm_tokens(tok: PreTrainedTokenizerBase, n_vocab: int) -> tuple[list[bytes], list[float], list[int]]:
     import gguf
 
     T = gguf.TokenType
@@ -114,7 +117,7 @@ def _spm_tokens(tok: Any, n_vocab: int) -> tuple[list[bytes], list[float], list[
     return tokens, scores, types
 
 
-def _bpe_pre(tok: Any, model_type: str) -> str:
+def _bpe_pre(tok: PreTrainedTokenizerBase, model_type: str) -> str:
     """llama.cpp's name for the pre-tokenizer regex (transformers ignores it; llama.cpp splits with it)."""
     if model_type in ("qwen2", "qwen3"):
         return "qwen2"
@@ -127,7 +130,9 @@ def _bpe_pre(tok: Any, model_type: str) -> str:
     return "gpt-2"
 
 
-def tokenizer_metadata(tok: Any, template: Any, tok_dir: Path, n_vocab: int, model_type: str) -> Any:
+def tokenizer_metadata(
+    tok: PreTrainedTokenizerBase, template: Any, tok_dir: Path, n_vocab: int, model_type: str
+) -> Any:
     """A function that adds the tokenizer, special-token and chat-template keys to a GGUFWriter."""
     import gguf
 

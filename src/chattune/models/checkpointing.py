@@ -9,12 +9,15 @@ whole layers (`gradient_checkpointing: true`); bench/README.md has both measured
 from __future__ import annotations
 
 import functools
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch.utils.checkpoint import checkpoint
 
 from chattune.errors import ConfigError
+
+if TYPE_CHECKING:
+    from torch.nn import Module
 
 # the attribute name of the MLP block in Llama, Qwen, Mistral, Gemma, GPT-2, ChatGLM... decoder layers
 MLP_NAME = "mlp"
@@ -26,7 +29,7 @@ def _recomputed(forward: Any, *args: Any, **kwargs: Any) -> Any:
     return checkpoint(forward, *args, use_reentrant=False, **kwargs)
 
 
-def checkpoint_mlps(model: Any) -> int:
+def checkpoint_mlps(model: Module) -> int:
     """Make every MLP block of `model` recompute its activations in backward; returns how many."""
     count = 0
     for name, module in model.named_modules():

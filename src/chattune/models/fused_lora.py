@@ -18,9 +18,12 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+if TYPE_CHECKING:
+    from torch.nn import Module
 
 HALF = (torch.bfloat16, torch.float16)
 
@@ -215,7 +218,7 @@ def install(modules: Iterable[Any], wrapper: type, agrees: Callable[[Any], bool]
     return count
 
 
-def fuse_lora_linears(model: Any) -> int:
+def fuse_lora_linears(model: Module) -> int:
     """Give every plain LoRA Linear the fused forward; returns how many have it.
 
     Those inside a fused MLP block get it too: the block's own function bypasses them, and they serve

@@ -16,7 +16,7 @@ a bf16 base (peft's default) are fused too, computing as peft does (see fused_lo
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +32,9 @@ from chattune.models.fused_lora import (
     plain_tensors,
     tolerance,
 )
+
+if TYPE_CHECKING:
+    from torch.nn import Module
 
 PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 
@@ -130,7 +133,7 @@ def _agrees(fused: FusedLoraMlpForward) -> bool:
     return expected.shape == got.shape and torch.allclose(expected, got, **tolerance(x.dtype))
 
 
-def fuse_lora_mlps(model: Any) -> int:
+def fuse_lora_mlps(model: Module) -> int:
     """Give every SwiGLU MLP block whose projections all carry a plain LoRA adapter the fused forward."""
     blocks = (m for n, m in model.named_modules() if n.rsplit(".", 1)[-1] == MLP_NAME and _is_swiglu(m))
     return install(blocks, FusedLoraMlpForward, _agrees)

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from chattune.errors import ModelLoadError
+
+if TYPE_CHECKING:
+    from torch.nn import Module
 
 log = logging.getLogger("chattune.models")
 
@@ -74,7 +77,7 @@ def compute_dtype(precision: str) -> Any:
     return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
-def half_frozen_weights(model: Any, precision: str) -> int:
+def half_frozen_weights(model: Module, precision: str) -> int:
     """Cast the parameters that do not learn to the compute dtype (fp32 master weights only where they
     learn: freeze's frozen blocks take half the memory); returns how many tensors were cast."""
     dtype = compute_dtype(precision)

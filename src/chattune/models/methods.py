@@ -10,6 +10,8 @@ from chattune.errors import ConfigError
 from chattune.registry import Registry
 
 if TYPE_CHECKING:
+    from torch.nn import Module
+
     from chattune.config import TrainConfig
 
 Method = Callable[[Any, "TrainConfig"], Any]
@@ -19,7 +21,7 @@ _LAYER = re.compile(r"\.(?:layers|h|blocks|block)\.(\d+)\.")
 
 
 @METHODS.register("lora")
-def lora(model: Any, cfg: TrainConfig) -> Any:
+def lora(model: Module, cfg: TrainConfig) -> Any:
     """Low-rank adapters on the chosen linear layers (all of them by default)."""
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
@@ -38,7 +40,7 @@ def lora(model: Any, cfg: TrainConfig) -> Any:
 
 
 @METHODS.register("ptuning_v2")
-def ptuning_v2(model: Any, cfg: TrainConfig) -> Any:
+def ptuning_v2(model: Module, cfg: TrainConfig) -> Any:
     """P-Tuning v2: `pre_seq_len` trained virtual tokens in every layer's keys and values (peft prefix tuning)."""
     from peft import PrefixTuningConfig, get_peft_model
 
@@ -52,14 +54,14 @@ def ptuning_v2(model: Any, cfg: TrainConfig) -> Any:
 
 
 @METHODS.register("full")
-def full(model: Any, cfg: TrainConfig) -> Any:
+def full(model: Module, cfg: TrainConfig) -> Any:
     """Every weight learns."""
     model.requires_grad_(True)
     return model
 
 
 @METHODS.register("freeze")
-def freeze(model: Any, cfg: TrainConfig) -> Any:
+def freeze(model: Module, cfg: TrainConfig) -> Any:
     """Only the last `freeze_trainable_layers` transformer blocks learn."""
     layer_of = {name: int(m.group(1)) for name, _ in model.named_parameters() if (m := _LAYER.search(name))}
     if not layer_of:
@@ -71,18 +73,18 @@ def freeze(model: Any, cfg: TrainConfig) -> Any:
     return model
 
 
-def parameter_counts(model: Any) -> tuple[int, int]:
+def parameter_counts(model: Module) -> tuple[int, int]:
     """(trainable, all) parameter counts."""
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return trainable, sum(p.numel() for p in model.parameters())
 
 
-def describe_trainable(model: Any) -> str:
+def describe_trainable(model: Module) -> str:
     """The line peft prints: `trainable params: X || all params: Y || trainable%: Z`."""
     trainable, total = parameter_counts(model)
     return f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / total:.4f}"
 
 
-def apply_method(model: Any, cfg: TrainConfig) -> Any:
+def apply_method(model: Module, cfg: TrainConfig) -> Any:
     """The model with the config's method applied (adapters added, or weights frozen)."""
     return METHODS.get(cfg.method)(model, cfg)

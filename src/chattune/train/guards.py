@@ -10,13 +10,16 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from transformers import TrainerCallback
 
 from chattune.errors import ChattuneError, ConfigError, OutOfMemory
 from chattune.rundir import last_good_checkpoint
 from chattune.system import this_process
+
+if TYPE_CHECKING:
+    from torch.nn import Module
 
 
 class StopRequest(TrainerCallback):
@@ -118,7 +121,7 @@ def check_output_dir_writable(out: Path, needed_bytes: int) -> None:
         )
 
 
-def checkpoint_bytes(model: Any, save_total_limit: int | None) -> int:
+def checkpoint_bytes(model: Module, save_total_limit: int | None) -> int:
     """A rough size of the checkpoints kept at once: trained weights + 2 Adam moments each, plus final/."""
     trainable = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
     kept = (save_total_limit or 3) + 2  # the checkpoints kept, best/ and final/

@@ -7,13 +7,16 @@ same loss and gradients for a fraction of the cost.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 
 from chattune.compat.transformers import attention_implementation
 from chattune.data.templates import IGNORE_INDEX
+
+if TYPE_CHECKING:
+    from torch.nn import Module
 
 # rows of hidden states per head chunk: 256 x a 49k vocabulary is 50 MB of fp32 logits at a time
 HEAD_CHUNK = 256
@@ -22,7 +25,7 @@ HEAD_CHUNK = 256
 _LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
 
 
-def split_backbone_and_head(model: Any) -> tuple[Any, Any] | None:
+def split_backbone_and_head(model: Module) -> tuple[Any, Any] | None:
     """(backbone, output head) when the loss can be computed from hidden states safely, else None."""
     inner = model
     if hasattr(model, "peft_config"):

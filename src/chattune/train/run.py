@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 
@@ -22,6 +22,10 @@ from chattune.rundir import (
     read_run_info,
     trim_log,
 )
+
+if TYPE_CHECKING:
+    from torch.nn import Module
+    from transformers import PreTrainedTokenizerBase
 
 DEEPSPEED_PRESETS = ("zero2", "zero3")
 
@@ -88,7 +92,7 @@ def training_arguments(cfg: TrainConfig, precision: str) -> Any:
     )
 
 
-def generation_metrics_fn(cfg: TrainConfig, tokenizer: Any, template: Any) -> Any:
+def generation_metrics_fn(cfg: TrainConfig, tokenizer: PreTrainedTokenizerBase, template: Any) -> Any:
     """A function scoring generated replies on the first eval samples, or None when not asked for."""
     if cfg.eval_generate_samples == 0 or cfg.eval_file is None:
         if cfg.best_metric != "loss":
@@ -104,7 +108,7 @@ def generation_metrics_fn(cfg: TrainConfig, tokenizer: Any, template: Any) -> An
     samples = [s for _, s in islice(read_samples(cfg.eval_file, cfg.format), cfg.eval_generate_samples)]
     sampling = Sampling(max_new_tokens=cfg.max_target_len)
 
-    def score(model: Any) -> dict[str, float]:
+    def score(model: Module) -> dict[str, float]:
         engine = Engine(model, tokenizer, template, "training", has_adapter=True)
         return compute_generation_metrics(
             engine, samples, metrics=cfg.metrics, sampling=sampling, limit=cfg.eval_generate_samples

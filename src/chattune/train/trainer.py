@@ -7,7 +7,7 @@ import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from safetensors import SafetensorError
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
@@ -20,6 +20,9 @@ from chattune.rundir import STAGING, RunInfo
 from chattune.train.callbacks import TokenCounter
 from chattune.train.guards import is_out_of_memory, out_of_memory, resume_load, save_failed
 from chattune.train.loss import split_backbone_and_head, trained_positions_loss
+
+if TYPE_CHECKING:
+    from torch.nn import Module
 
 # what a failing write raises: OSError from Python, RuntimeError from torch.save's zip writer, SafetensorError
 SAVE_ERRORS: tuple[type[BaseException], ...] = (OSError, RuntimeError, SafetensorError)
@@ -93,7 +96,11 @@ class ChattuneTrainer(TrainerHooks):
 
     # ------------------------------------------------------------------ loss
     def compute_loss(
-        self, model: Any, inputs: dict[str, Any], return_outputs: bool = False, num_items_in_batch: Any = None
+        self,
+        model: Module,
+        inputs: dict[str, Any],
+        return_outputs: bool = False,
+        num_items_in_batch: Any = None,
     ) -> Any:
         """Cross-entropy with the output head run only on trained positions (stock path where unsafe)."""
         if self.split is None or model is not self.model:  # wrapped (DDP, DeepSpeed): keep its forward hooks
@@ -106,7 +113,7 @@ class ChattuneTrainer(TrainerHooks):
         return (loss, {"loss": loss}) if return_outputs else loss
 
     # ------------------------------------------------------------------ counting
-    def training_step(self, model: Any, inputs: dict[str, Any], num_items_in_batch: Any = None) -> Any:
+    def training_step(self, model: Module, inputs: dict[str, Any], num_items_in_batch: Any = None) -> Any:
         """One micro-batch; counts its non-pad and trained tokens for the speed readout."""
         mask = inputs.get("attention_mask")  # packed rows have no padding, hence no mask
         self.counter.tokens += int(mask.sum()) if mask is not None else inputs["input_ids"].numel()

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from chattune.data.schema import Pair, Sample, ToolCall
 from chattune.errors import ConfigError
 from chattune.limits import Limits
 from chattune.registry import Registry
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 IGNORE_INDEX = -100
 
@@ -131,12 +134,12 @@ class AnswersOnly:
 TEMPLATES: Registry[type] = Registry("template", ConfigError)
 
 
-def is_chatglm3_tokenizer(tokenizer: Any) -> bool:
+def is_chatglm3_tokenizer(tokenizer: PreTrainedTokenizerBase) -> bool:
     """ChatGLM3 tokenizers (ours, or THUDM's remote-code one) expose these two methods."""
     return hasattr(tokenizer, "build_single_message") and hasattr(tokenizer, "get_command")
 
 
-def resolve_template_name(name: str, tokenizer: Any) -> str:
+def resolve_template_name(name: str, tokenizer: PreTrainedTokenizerBase) -> str:
     """`auto` → chatglm3 for ChatGLM3 tokenizers, hf when a chat template exists, raw otherwise."""
     if name != "auto":
         TEMPLATES.get(name)
@@ -147,7 +150,11 @@ def resolve_template_name(name: str, tokenizer: Any) -> str:
 
 
 def build_template(
-    name: str, tokenizer: Any, limits: Limits | None = None, *, train_reasoning: bool = True
+    name: str,
+    tokenizer: PreTrainedTokenizerBase,
+    limits: Limits | None = None,
+    *,
+    train_reasoning: bool = True,
 ) -> Template:
     """The template called `name` (or the one `auto` picks) bound to a tokenizer and length limits.
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import ast
 import json
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from chattune.data.schema import TOOLS_SYSTEM_PREFIX, Conversation, Message, Pair, Sample, ToolCall
 from chattune.data.templates.base import (
@@ -16,6 +16,9 @@ from chattune.data.templates.base import (
     ParsedReply,
     split_pair_budget,
 )
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 
 def format_tool_call(name: str, arguments: dict[str, Any]) -> str:
@@ -58,7 +61,7 @@ class ChatGLM3Template(AnswersOnly):
 
     name = "chatglm3"
 
-    def __init__(self, tokenizer: Any, limits: Limits):
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, limits: Limits):
         self.tok, self.limits = tokenizer, limits
         self.prefix = [tokenizer.get_command("[gMASK]"), tokenizer.get_command("sop")]
 

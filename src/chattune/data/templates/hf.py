@@ -6,7 +6,7 @@ import bisect
 import itertools
 import json
 import re
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from chattune.data.schema import Conversation, Message, Sample, ToolCall
 from chattune.data.templates.base import (
@@ -28,6 +28,9 @@ from chattune.data.templates.turns import (
     trained_spans,
 )
 from chattune.errors import ConfigError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 TOOL_CALL_OPEN, TOOL_CALL_CLOSE = "<tool_call>", "</tool_call>"
 _TOOL_CALL_RE = re.compile(re.escape(TOOL_CALL_OPEN) + r"\s*(.*?)\s*" + re.escape(TOOL_CALL_CLOSE), re.DOTALL)
@@ -111,7 +114,7 @@ class HFChatTemplate:
 
     name = "hf"
 
-    def __init__(self, tokenizer: Any, limits: Limits):
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, limits: Limits):
         if not getattr(tokenizer, "chat_template", None):
             raise ConfigError(
                 f"the tokenizer of {tokenizer.name_or_path} has no chat template; use template: raw"
@@ -418,7 +421,7 @@ class _DirectRenderer:
     `apply_chat_template` does, and never for templates transformers cannot hand out compiled.
     """
 
-    def __init__(self, tokenizer: Any, compile_template: Any):
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, compile_template: Any):
         self.variables = dict(tokenizer.special_tokens_map)
         plain = tokenizer.get_chat_template()
         env = _quick_lookups(compile_template(plain).environment)
@@ -436,7 +439,9 @@ class _DirectRenderer:
         )
 
     @classmethod
-    def if_equivalent(cls, tokenizer: Any, native_tools: bool, native_calls: bool) -> _DirectRenderer | None:
+    def if_equivalent(
+        cls, tokenizer: PreTrainedTokenizerBase, native_tools: bool, native_calls: bool
+    ) -> _DirectRenderer | None:
         """A direct renderer when it provably matches `apply_chat_template` on probe conversations, else None."""
         try:
             from chattune.compat.transformers import compile_chat_template

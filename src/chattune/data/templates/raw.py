@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING
 
 from chattune.data.schema import Pair, Sample
 from chattune.data.templates.base import (
@@ -16,8 +16,11 @@ from chattune.data.templates.base import (
 )
 from chattune.errors import ConfigError
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
-def adds_bos(tokenizer: Any) -> bool:
+
+def adds_bos(tokenizer: PreTrainedTokenizerBase) -> bool:
     """Whether the tokenizer's own encoding starts with bos (then raw data keeps that convention)."""
     bos = tokenizer.bos_token_id
     return bos is not None and tokenizer.encode("a", add_special_tokens=True)[:1] == [bos]
@@ -29,7 +32,7 @@ class RawTemplate(AnswersOnly):
 
     name = "raw"
 
-    def __init__(self, tokenizer: Any, limits: Limits):
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, limits: Limits):
         self.tok, self.limits = tokenizer, limits
         if tokenizer.eos_token_id is None:
             raise ConfigError(
