@@ -27,7 +27,8 @@ HALF = (torch.bfloat16, torch.float16)
 
 @dataclass(frozen=True)
 class Adapted:
-    """One projection: y = x W^T + bias + scale · dropout(x) A^T B^T, with `p` the dropout probability in use."""
+    """One projection: y = x W^T + bias + scale · dropout(x) A^T B^T, with `p` the dropout probability in use
+    (peft's, quantised: see keep_mask)."""
 
     w: torch.Tensor
     a: torch.Tensor
@@ -60,7 +61,7 @@ def adapted(layer: Any, allow_bias: bool = False) -> Adapted | None:
         return None  # DoRA and other variants compute more than the plain adapter
     dropout, a, b = layer.lora_dropout[name], layer.lora_A[name], layer.lora_B[name]
     if type(dropout) is torch.nn.Dropout:
-        p = dropout.p if dropout.training else 0.0
+        p = quantised(dropout.p) if dropout.training else 0.0
     elif type(dropout) is torch.nn.Identity:
         p = 0.0
     else:
@@ -89,13 +90,36 @@ def tolerance(dtype: torch.dtype) -> dict[str, float]:
     return {"rtol": 2e-2, "atol": 2e-2} if dtype in HALF else {"rtol": 1e-4, "atol": 1e-5}
 
 
+# Dropout probabilities come in steps of 1/MASK_LEVELS: a keep mask compares one random byte per element with
+# a threshold (see keep_mask)
+MASK_LEVELS = 256
+
+
+def quantised(p: float) -> float:
+    """The dropout probability keep_mask realises for `p`: the nearest multiple of 1/256, at most 255/256."""
+    return min(round(p * MASK_LEVELS), MASK_LEVELS - 1) / MASK_LEVELS
+
+
 def keep_mask(like: torch.Tensor, p: float) -> torch.Tensor | None:
-    """Dropout's keep mask for `like` (None when p is 0); one byte per element."""
-    return None if p == 0 else torch.rand_like(like) >= p
+    """Dropout's keep mask for `like` (None when p is 0), `p` a multiple of 1/256; one byte per element.
+
+    Each element keeps with probability exactly 1 - p from one random byte, and the bytes come eight to a
+    64-bit word: the CPU generator runs serially, and `rand_like` spends one 32-bit draw (and a float) per
+    element. The full signed range matters: `random_()` alone leaves every word's top bit 0.
+    """
+    if p == 0:
+        return None
+    levels = p * MASK_LEVELS
+    if levels != round(levels):
+        raise ValueError(f"dropout {p} is not a multiple of 1/{MASK_LEVELS}; pass quantised(p)")
+    n = like.numel()
+    words = torch.empty((n + 7) // 8, dtype=torch.int64, device=like.device).random_(-(2**63), None)
+    return (words.view(torch.uint8)[:n] >= round(levels)).view(like.shape)
 
 
 def dropped(x: torch.Tensor, mask: torch.Tensor | None, p: float) -> torch.Tensor:
-    """`x` through the dropout that `mask` records."""
+    """`x` through the dropout that `mask` records, `p` the (quantised) probability it was drawn with: the
+    kept elements scale by 1/(1-p), so that the expectation is x."""
     return x if mask is None else x * mask / (1 - p)
 
 
