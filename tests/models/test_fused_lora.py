@@ -123,5 +123,7 @@ def test_keep_masks_keep_one_minus_the_quantised_p(p: float) -> None:
     assert abs(float(mask.float().mean()) - (1 - p_q)) < 5 * sigma / n**0.5
     per_byte = mask[: 2**20].reshape(-1, 8).float().mean(0)  # element i came from byte i % 8 of a word
     assert (per_byte - (1 - p_q)).abs().max() < 5 * sigma / (n / 8) ** 0.5, per_byte
-    mean = float(fused_lora.dropped(torch.ones(n), mask.flatten(), p_q).mean(dtype=torch.float64))
+    # the functions scale the kept elements by 1/(1-p_q) in the adapter's scale
+    scale = fused_lora.Adapted(like, like, like, 1.0, p_q).adapter_scale
+    mean = float(mask.double().mean()) * scale
     assert abs(mean - 1) < 5 * (p_q / (1 - p_q)) ** 0.5 / n**0.5
