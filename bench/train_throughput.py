@@ -1,6 +1,7 @@
 """Training throughput: chattune vs TRL's SFTTrainer on the same LoRA job, in one invocation.
 
-The job: SmolLM2-135M-Instruct (fp32 on CPU, bf16 on CUDA), LoRA r=8 alpha=16 dropout=0 on all linear layers,
+The job: SmolLM2-135M-Instruct (fp32 on CPU, bf16 on CUDA; --precision sets it), LoRA r=8 alpha=16 dropout=0
+(0.1 in the chattune-dropout run) on all linear layers,
 the first N AdvertiseGen rows as prompt (content) -> completion (summary) with the loss on the completion only,
 batch 8, max length 256, lr 2e-4, 1 epoch, seed 0, no eval, no checkpoints. The "batch" column reads
 micro-batch x accumulation: chattune-4x2 takes the same 8 rows per optimizer step as two micro-batches of 4
@@ -19,7 +20,7 @@ Measured per run:
   labels != -100, all = non-pad tokens (attention mask, or every token of a packed row);
 - train loss: the epoch mean of the per-step losses (Trainer's `train_loss`), and the last step's loss;
 - MFU: 4·N·T / (wall · peak) where N = the base model's parameters (the tied output head counted once),
-  T = all tokens, and peak = the best fp32 (CPU) / bf16 (CUDA) matmul rate measured in the run's own process
+  T = all tokens, and peak = the best matmul rate in the run's precision measured in the run's own process
   just before it loads the model and just after training ends (a shared machine's speed drifts over an
   invocation of an hour; a peak measured once at the start would not follow it).
 """
@@ -52,6 +53,7 @@ CHATTUNE_RUNS: dict[str, dict[str, Any]] = {
     "chattune-gc": {"gradient_checkpointing": True},
     "chattune-mlpgc": {"gradient_checkpointing": "mlp"},
     "chattune-unfused": {"fuse_lora": False},
+    "chattune-dropout": {"lora_dropout": 0.1},  # what LoRA dropout costs (chattune's default dropout)
     "chattune-glibc": {},
 }
 RUNS = (*CHATTUNE_RUNS, "trl", "trl-nogc", "trl-packing", "trl-tcmalloc")
@@ -100,9 +102,24 @@ def prepare_data(src: Path, rows: int, tokenizer: Any, max_length: int, out: Pat
             w.write(json.dumps({"prompt": prompt, "response": response}, ensure_ascii=False) + "\n")
 
 
-def matmul_peak(device: str, trials: int = 5) -> float:
-    """Best GFLOP/s of a square matmul loop: 2048 fp32 on CPU (all cores), 8192 bf16 on CUDA."""
-    n, reps, dtype = (8192, 20, torch.bfloat16) if device == "cuda" else (2048, 4, torch.float32)
+# what the CPU offers for bf16 (and the AVX level): recorded with every invocation, since bf16 matmuls run
+# 50-400x slower than fp32 without AVX-512-BF16 or AMX
+CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16")
+
+
+def cpu_flags() -> list[str]:
+    """The CPU_FLAGS this machine's /proc/cpuinfo lists (empty where it cannot be read)."""
+    try:
+        listed = set(Path("/proc/cpuinfo").read_text().split())
+    except OSError:
+        return []
+    return [flag for flag in CPU_FLAGS if flag in listed]
+
+
+def matmul_peak(device: str, precision: str, trials: int = 5) -> float:
+    """Best GFLOP/s of a square matmul loop in `precision`: 2048 on CPU (all cores), 8192 on CUDA."""
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    n, reps = (8192, 20) if device == "cuda" else (2048, 4)
     torch.set_num_threads(available_cores())
     a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
@@ -141,7 +158,7 @@ def run_chattune(a: argparse.Namespace, out: Path, counts: dict[str, int]) -> di
     count_tokens(ChattuneTrainer, counts)
     prompt_budget = a.max_length // 2  # and the response gets the rest, less one token for eos
     job = {"model": a.model, "train_file": str(a.workdir / "data.jsonl"), "format": "prompt_response"}
-    job |= {"template": "raw", "precision": "bf16" if a.device == "cuda" else "fp32"}
+    job |= {"template": "raw", "precision": a.precision}
     job |= {"max_source_len": prompt_budget, "max_target_len": a.max_length - prompt_budget - 1}
     job |= {
         "method": "lora",
@@ -182,8 +199,8 @@ def run_trl(a: argparse.Namespace, out: Path, counts: dict[str, int]) -> dict[st
     job: dict[str, Any] = {"output_dir": str(out), "per_device_train_batch_size": 8, "learning_rate": 2e-4}
     job |= {"num_train_epochs": 1, "max_steps": a.max_steps or -1, "seed": 0, "max_length": a.max_length}
     job |= {"completion_only_loss": True, "packing": a.child == "trl-packing"}
-    job |= {"bf16": a.device == "cuda", "use_cpu": a.device == "cpu"}
-    job |= {"model_init_kwargs": {"dtype": "bfloat16" if a.device == "cuda" else "float32"}}
+    job |= {"bf16": a.precision == "bf16", "use_cpu": a.device == "cpu"}
+    job |= {"model_init_kwargs": {"dtype": "bfloat16" if a.precision == "bf16" else "float32"}}
     job |= {"logging_steps": 1, "save_strategy": "no", "report_to": "none", "disable_tqdm": True}
     if a.child == "trl-nogc":
         job["gradient_checkpointing"] = False  # TRL turns it on by default
@@ -210,9 +227,10 @@ def child(a: argparse.Namespace) -> None:
     use_allocator(allocator_for(a.child))
     out = a.workdir / f"{a.child}-{a.rep}"
     counts = {"all": 0, "sup": 0, "rss0": 0}
-    before = matmul_peak(a.device)
+    before = matmul_peak(a.device, a.precision)
     res = (run_chattune if a.child.startswith("chattune") else run_trl)(a, out, counts)
-    after = matmul_peak(a.device)
+    after = matmul_peak(a.device, a.precision)
+    res["precision"] = a.precision
     res |= {"peak_gflops": max(before, after), "peak_before_after": [before, after]}
     res |= {"tokens": counts["all"], "supervised": counts["sup"], "rss_first_step_mib": counts["rss0"] / MIB}
     res["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
@@ -227,7 +245,7 @@ def spawn(a: argparse.Namespace, name: str, rep: int) -> dict[str, Any]:
     """Run `name` in a fresh interpreter; its output goes to a log file in the work dir."""
     result, log = a.workdir / f"{name}-{rep}.json", a.workdir / f"{name}-{rep}.log"
     cmd = [sys.executable, __file__, "--child", name, "--rep", str(rep), "--result", str(result)]
-    cmd += ["--workdir", str(a.workdir), "--model", a.model, "--device", a.device]
+    cmd += ["--workdir", str(a.workdir), "--model", a.model, "--device", a.device, "--precision", a.precision]
     cmd += ["--max-length", str(a.max_length)] + (["--max-steps", str(a.max_steps)] if a.max_steps else [])
     env = os.environ | {"CHATTUNE_HOME": str(a.workdir / "home"), "HF_HUB_OFFLINE": "1"}
     env |= {"TOKENIZERS_PARALLELISM": "false"} | ({"CUDA_VISIBLE_DEVICES": ""} if a.device == "cpu" else {})
@@ -250,14 +268,16 @@ def summarise(res: dict[str, Any], n_params: int) -> dict[str, Any]:
     }
 
 
-def report(results: dict[str, dict[str, Any]], peak: float, device: str) -> None:
+def report(results: dict[str, dict[str, Any]], peak: float, device: str, precision: str) -> None:
     """The table, then chattune's ratios to the TRL baselines."""
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"LoRA training throughput ({device}, medians)")
+    flags = " ".join(cpu_flags()) or "none listed"
+    table = Table(title=f"LoRA training throughput ({device}, {precision}; CPU flags: {flags}; medians)")
     table.add_column("run")
     for h in (
+        "prec",
         "batch",
         "GC",
         "malloc",
@@ -282,10 +302,9 @@ def report(results: dict[str, dict[str, Any]], peak: float, device: str) -> None
         row += [f"{r['train_loss']:.4f}", f"{r['last_loss']:.4f}", str(r["steps"])]
         row += [f"{r['peak_gflops']:,.1f}", f"{100 * r['mfu']:.1f}%"]
         gc = {True: "yes", False: "no"}.get(r["gc"], str(r["gc"]))  # or "mlp"
-        table.add_row(name, r.get("batch", "8x1"), gc, r.get("malloc", "?"), *row)
+        table.add_row(name, r["precision"], r.get("batch", "8x1"), gc, r.get("malloc", "?"), *row)
     console = Console(width=max(Console().width, 120))
     console.print(table)
-    precision = "bf16" if device == "cuda" else "fp32"
     console.print(
         f"matmul peak ({precision}): {peak:,.1f} GFLOP/s at the start; each run's MFU uses the best of its own "
         "process's measurements just before loading and just after training (the 'peak' column)",
@@ -335,6 +354,13 @@ def main() -> None:
     p.add_argument("--repeat", type=int, default=1, help="run each K times, report medians")
     p.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (smoke tests)")
     p.add_argument("--max-length", type=int, default=256)
+    p.add_argument(
+        "--precision",
+        choices=("default", "auto", "fp32", "bf16"),
+        default="default",
+        help="every run's precision: default = fp32 on CPU, bf16 on CUDA; auto = chattune's choice "
+        "(bf16 on CPUs with AVX-512-BF16 or AMX)",
+    )
     p.add_argument("--data", type=Path, default=DEFAULT_DATA, help="AdvertiseGen JSON lines")
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
     p.add_argument("--workdir", type=Path, default=None, help="keep data, logs and results here")
@@ -347,7 +373,7 @@ def main() -> None:
 
     from transformers import AutoTokenizer
 
-    from chattune.models.load import resolve_path
+    from chattune.models.load import pick_precision, resolve_path
 
     runs = [r.strip() for r in a.runs.split(",") if r.strip()]
     if unknown := set(runs) - set(RUNS):
@@ -355,13 +381,20 @@ def main() -> None:
     if a.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda but torch sees no CUDA device")
     a.model = resolve_path(a.model)
+    if a.precision == "default":
+        a.precision = "bf16" if a.device == "cuda" else "fp32"
+    elif a.precision == "auto":
+        a.precision = pick_precision("auto")
     keep = a.workdir is not None
     a.workdir = (a.workdir or Path(tempfile.mkdtemp(prefix="chattune-bench-"))).resolve()
     a.workdir.mkdir(parents=True, exist_ok=True)
     tokenizer = AutoTokenizer.from_pretrained(a.model)
     prepare_data(a.data, a.rows, tokenizer, a.max_length, a.workdir / "data.jsonl")
-    n_params, peak = param_count(a.model), matmul_peak(a.device)
-    print(f"{len(runs)} runs x {a.repeat} in {a.workdir}; N = {n_params:,}; peak {peak:,.1f} GFLOP/s")
+    n_params, peak = param_count(a.model), matmul_peak(a.device, a.precision)
+    print(
+        f"{len(runs)} runs x {a.repeat} in {a.workdir}; N = {n_params:,}; {a.precision}; CPU flags "
+        f"{' '.join(cpu_flags()) or 'none listed'}; peak {peak:,.1f} GFLOP/s"
+    )
 
     raw: dict[str, list[dict[str, Any]]] = {r: [] for r in runs}
     for rep in range(a.repeat):  # interleaved, so drift in machine load spreads over all runs
@@ -379,7 +412,7 @@ def main() -> None:
         name: rs[0] | {m: statistics.median(r[m] for r in rs) for m in METRICS if m in rs[0]}
         for name, rs in raw.items()
     }
-    report(results, peak, a.device)
+    report(results, peak, a.device, a.precision)
     if a.json:
         settings = {k: str(v) for k, v in vars(a).items() if k not in ("child", "rep", "result")}
         payload = {
@@ -387,6 +420,8 @@ def main() -> None:
             "n_params": n_params,
             "peak_gflops": peak,
             "cores": available_cores(),
+            "precision": a.precision,
+            "cpu_flags": cpu_flags(),
         }
         a.json.write_text(json.dumps(payload | {"medians": results, "runs": raw}, indent=2))
     if not keep:

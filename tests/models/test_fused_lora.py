@@ -67,7 +67,8 @@ def test_lora_dropout_gives_peft_gradients_for_the_same_masks(
     assert len(drawn) == 8 and 0.6 < float(torch.cat([m.flatten() for m in drawn]).float().mean()) < 0.8
 
     reference = make_lora_model(tiny_model_dir, precision, **settings)
-    replay_masks(reference, drawn, ATTENTION, 0.3)  # drawn in forward order: q, k, v, o per layer
+    # drawn in forward order (q, k, v, o per layer), at 0.3 quantised to 77/256 and scaled by 256/179
+    replay_masks(reference, drawn, ATTENTION, 77 / 256)
     assert_same_step(lora_step(reference, IDS), fused, precision)
     model.eval()  # no dropout in eval, and no gradient: peft's forward, no masks drawn
     drawn.clear()
@@ -97,3 +98,32 @@ def test_runs_peft_forward_where_it_does_not_apply(tiny_model_dir: Path, make_lo
     finally:
         layer.unmerge()
     assert layer.forward.projection() is not None
+
+
+def test_dropout_is_quantised_to_steps_of_1_256() -> None:
+    assert fused_lora.quantised(0.1) == 26 / 256 and fused_lora.quantised(0.05) == 13 / 256
+    assert fused_lora.quantised(0.3) == 77 / 256 and fused_lora.quantised(26 / 256) == 26 / 256
+    assert fused_lora.quantised(0.001) == 0 and fused_lora.quantised(0.999) == 255 / 256  # never all dropped
+    assert fused_lora.keep_mask(torch.ones(3), 0.0) is None
+    with pytest.raises(ValueError, match="quantised"):
+        fused_lora.keep_mask(torch.ones(3), 0.1)
+
+
+@pytest.mark.parametrize("p", [0.05, 0.1, 0.3, 0.5, 0.9, 255 / 256])
+def test_keep_masks_keep_one_minus_the_quantised_p(p: float) -> None:
+    """Every element keeps with probability 1 - p_q, whichever byte of its 64-bit word it comes from, and
+    dropout then has expectation x: checked within 5 binomial standard deviations over 2^23 elements, which
+    tells p_q = 26/256 from 0.1 (15 sigma apart) and catches a word whose top bit is never set."""
+    torch.manual_seed(0)
+    p_q = fused_lora.quantised(p)
+    like = torch.empty(2**20 + 3, 8, dtype=torch.bfloat16)  # not a whole number of words
+    mask = fused_lora.keep_mask(like, p_q)
+    assert mask.dtype == torch.bool and mask.shape == like.shape
+    n, sigma = like.numel(), (p_q * (1 - p_q)) ** 0.5
+    assert abs(float(mask.float().mean()) - (1 - p_q)) < 5 * sigma / n**0.5
+    per_byte = mask[: 2**20].reshape(-1, 8).float().mean(0)  # element i came from byte i % 8 of a word
+    assert (per_byte - (1 - p_q)).abs().max() < 5 * sigma / (n / 8) ** 0.5, per_byte
+    # the functions scale the kept elements by 1/(1-p_q) in the adapter's scale
+    scale = fused_lora.Adapted(like, like, like, 1.0, p_q).adapter_scale
+    mean = float(mask.double().mean()) * scale
+    assert abs(mean - 1) < 5 * (p_q / (1 - p_q)) ** 0.5 / n**0.5

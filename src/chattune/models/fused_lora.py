@@ -30,7 +30,8 @@ HALF = (torch.bfloat16, torch.float16)
 
 @dataclass(frozen=True)
 class Adapted:
-    """One projection: y = x W^T + bias + scale · dropout(x) A^T B^T, with `p` the dropout probability in use."""
+    """One projection: y = x W^T + bias + scale · dropout(x) A^T B^T, with `p` the dropout probability in use
+    (peft's, quantised: see keep_mask)."""
 
     w: torch.Tensor
     a: torch.Tensor
@@ -38,6 +39,12 @@ class Adapted:
     scale: float
     p: float
     bias: torch.Tensor | None = None
+
+    @property
+    def adapter_scale(self) -> float:
+        """The adapter's scale with dropout's 1/(1-p) folded in, so that applying a mask only zeroes elements
+        (one pass over a wide tensor instead of two, in forward and again in backward)."""
+        return self.scale / (1 - self.p)
 
     def tensors(self) -> list[torch.Tensor]:
         """The tensors a fused function reads (passed to it again so that autograd returns their gradients)."""
@@ -63,7 +70,7 @@ def adapted(layer: Any, allow_bias: bool = False) -> Adapted | None:
         return None  # DoRA and other variants compute more than the plain adapter
     dropout, a, b = layer.lora_dropout[name], layer.lora_A[name], layer.lora_B[name]
     if type(dropout) is torch.nn.Dropout:
-        p = dropout.p if dropout.training else 0.0
+        p = quantised(dropout.p) if dropout.training else 0.0
     elif type(dropout) is torch.nn.Identity:
         p = 0.0
     else:
@@ -92,14 +99,36 @@ def tolerance(dtype: torch.dtype) -> dict[str, float]:
     return {"rtol": 2e-2, "atol": 2e-2} if dtype in HALF else {"rtol": 1e-4, "atol": 1e-5}
 
 
+# Dropout probabilities come in steps of 1/MASK_LEVELS: a keep mask compares one random byte per element with
+# a threshold (see keep_mask)
+MASK_LEVELS = 256
+
+
+def quantised(p: float) -> float:
+    """The dropout probability keep_mask realises for `p`: the nearest multiple of 1/256, at most 255/256."""
+    return min(round(p * MASK_LEVELS), MASK_LEVELS - 1) / MASK_LEVELS
+
+
 def keep_mask(like: torch.Tensor, p: float) -> torch.Tensor | None:
-    """Dropout's keep mask for `like` (None when p is 0); one byte per element."""
-    return None if p == 0 else torch.rand_like(like) >= p
+    """Dropout's keep mask for `like` (None when p is 0), `p` a multiple of 1/256; one byte per element.
+
+    Each element keeps with probability exactly 1 - p from one random byte, and the bytes come eight to a
+    64-bit word: the CPU generator runs serially, and `rand_like` spends one 32-bit draw (and a float) per
+    element. The full signed range matters: `random_()` alone leaves every word's top bit 0.
+    """
+    if p == 0:
+        return None
+    levels = p * MASK_LEVELS
+    if levels != round(levels):
+        raise ValueError(f"dropout {p} is not a multiple of 1/{MASK_LEVELS}; pass quantised(p)")
+    n = like.numel()
+    words = torch.empty((n + 7) // 8, dtype=torch.int64, device=like.device).random_(-(2**63), None)
+    return (words.view(torch.uint8)[:n] >= round(levels)).view(like.shape)
 
 
-def dropped(x: torch.Tensor, mask: torch.Tensor | None, p: float) -> torch.Tensor:
-    """`x` through the dropout that `mask` records."""
-    return x if mask is None else x * mask / (1 - p)
+def masked(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """`x` with the elements that `mask` drops zeroed: dropout without its 1/(1-p) (see adapter_scale)."""
+    return x if mask is None else x * mask
 
 
 def t_mm(wide: torch.Tensor, skinny: torch.Tensor) -> torch.Tensor:
@@ -119,16 +148,17 @@ def mm_t(wide: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 def lora_forward(
     x: torch.Tensor, proj: Adapted, mask: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(x W^T + bias + s (dropout(x) A^T) B^T, dropout(x) A^T) for 2-D x.
+    """(x W^T + bias + s' (mask x A^T) B^T, mask x A^T) for 2-D x, s' the adapter scale with dropout's.
 
     fp32 adapters on a half-precision base take x in fp32 and add to the base output in fp32 before rounding
     it back, as peft's forward does.
     """
     base = x @ proj.w.T if proj.bias is None else torch.addmm(proj.bias, x, proj.w.T)
-    xa = dropped(x.to(proj.a.dtype), mask, proj.p) @ proj.a.T
+    xa = masked(x.to(proj.a.dtype), mask) @ proj.a.T
+    scale = proj.adapter_scale
     if proj.a.dtype == base.dtype:
-        return base.addmm_(xa, proj.b.T, alpha=proj.scale), xa
-    return torch.addmm(base.to(proj.a.dtype), xa, proj.b.T, alpha=proj.scale).to(base.dtype), xa
+        return base.addmm_(xa, proj.b.T, alpha=scale), xa
+    return torch.addmm(base.to(proj.a.dtype), xa, proj.b.T, alpha=scale).to(base.dtype), xa
 
 
 def lora_backward(
@@ -139,18 +169,20 @@ def lora_backward(
     mask: torch.Tensor | None,
     need_dx: bool,
 ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
-    """(dx, dA, dB) of one projection given its output gradient, input and rank-r activation."""
-    wide = dy.to(proj.a.dtype)
+    """(dx, dA, dB) of one projection given its output gradient, input and rank-r activation (mask x A^T)."""
+    wide, scale = dy.to(proj.a.dtype), proj.adapter_scale
     dyb = mm_t(wide, proj.b)
-    d_a = (dyb.T @ dropped(x.to(proj.a.dtype), mask, proj.p)).mul_(proj.scale)
-    d_b = t_mm(wide, xa).mul_(proj.scale)
+    d_a = (dyb.T @ masked(x.to(proj.a.dtype), mask)).mul_(scale)
+    d_b = t_mm(wide, xa).mul_(scale)
     if not need_dx:
         return None, d_a, d_b
     dx = dy @ proj.w
-    if mask is None and dyb.dtype == dx.dtype:
-        return dx.addmm_(dyb, proj.a, alpha=proj.scale), d_a, d_b
-    adapter_dx = dropped(dyb @ proj.a, mask, proj.p).mul_(proj.scale)
-    return dx.add_(adapter_dx.to(dx.dtype)), d_a, d_b
+    if dyb.dtype == dx.dtype:
+        if mask is None:
+            return dx.addmm_(dyb, proj.a, alpha=scale), d_a, d_b
+        return dx.addcmul_(dyb @ proj.a, mask, value=scale), d_a, d_b  # one pass: mask, scale and sum
+    # fp32 adapters on a half base: the adapter's term in fp32, rounded once, as peft adds it
+    return dx.add_(masked(dyb @ proj.a, mask).mul_(scale).to(dx.dtype)), d_a, d_b
 
 
 class _LoraLinear(torch.autograd.Function):
