@@ -59,8 +59,9 @@ class RunInfo:
     @classmethod
     def from_config(cls, cfg: Any, version: str) -> RunInfo:
         """The record of a run with config `cfg` (a TrainConfig)."""
-        limits = Limits(cfg.max_seq_len, cfg.max_source_len, cfg.max_target_len)
-        return cls(cfg.model, cfg.method, cfg.template, cfg.format, limits, cfg.train_reasoning, version)
+        return cls(
+            cfg.model, cfg.method, cfg.template, cfg.format, Limits.of(cfg), cfg.train_reasoning, version
+        )
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> RunInfo:

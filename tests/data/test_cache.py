@@ -17,8 +17,8 @@ from typer.testing import CliRunner
 from chattune.cli import app
 from chattune.config import TrainConfig
 from chattune.data import cache
-from chattune.data.prepare import data_cache_dir
 from chattune.models import load
+from chattune.paths import data_cache_home
 
 CONVERSATIONS = [
     [("system", "You are helpful."), ("user", "Hi"), ("assistant", "Hello! How can I help you today?")],
@@ -196,7 +196,7 @@ def test_a_damaged_entry_takes_the_normal_path(tmp_path, chatml_dir, monkeypatch
     config = _config(tmp_path, chatml_dir)
     loads = _Loads(monkeypatch)
     first = _check(config, "-n", "2")
-    cache_dir = data_cache_dir()
+    cache_dir = data_cache_home()
     (index,) = cache_dir.glob("*.probe.json")
     entry = json.loads(index.read_text())
     target = {

@@ -27,6 +27,7 @@ import pyarrow as pa
 from chattune import __version__
 from chattune.data.encode import ENCODING_REVISION, DataStats, entry_paths, file_identity, load_stats
 from chattune.paths import is_pulled, model_dir
+from chattune.rundir import ENCODING_FIELDS
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -41,19 +42,15 @@ _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth")
 _LIBRARIES = ("transformers", "tokenizers", "sentencepiece")
 # a "tokenizer dir" with more files than this is no tokenizer dir; statting it all would cost more than it saves
 _MAX_DIR_FILES = 2000
-# every config field the full key or the printout depends on
+# every config field the full key or the printout depends on: what changes the encoding (the run record's
+# list), and where the tokenizer comes from and how bad records are treated
 _CONFIG_FIELDS = (
     "model",
     "tokenizer",
     "trust_remote_code",
-    "template",
-    "max_seq_len",
-    "max_source_len",
-    "max_target_len",
-    "format",
     "on_bad_record",
     "strict_fields",
-    "train_reasoning",
+    *ENCODING_FIELDS,
 )
 
 

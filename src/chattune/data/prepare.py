@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from functools import partial
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from rich.console import Console
@@ -21,19 +20,9 @@ if TYPE_CHECKING:
     from chattune.config import TrainConfig
 
 
-def limits_of(cfg: TrainConfig) -> Limits:
-    """The config's length limits."""
-    return Limits(cfg.max_seq_len, cfg.max_source_len, cfg.max_target_len)
-
-
 def template_for(cfg: TrainConfig, tokenizer: PreTrainedTokenizerBase) -> Template:
     """The config's template bound to this tokenizer."""
-    return build_template(cfg.template, tokenizer, limits_of(cfg), train_reasoning=cfg.train_reasoning)
-
-
-def data_cache_dir() -> Path:
-    """Where encoded datasets are cached (under CHATTUNE_HOME)."""
-    return data_cache_home()
+    return build_template(cfg.template, tokenizer, Limits.of(cfg), train_reasoning=cfg.train_reasoning)
 
 
 def encode_split(
@@ -49,7 +38,7 @@ def encode_split(
     With a `probe` (taken before the tokenizer loaded), the cache entry is also indexed under it, so that
     `data check` finds it next time without loading the tokenizer.
     """
-    cache_dir = data_cache_dir()
+    cache_dir = data_cache_home()
     on_entry = partial(remember, cache_dir, probe, template.name, tokenizer) if probe is not None else None
     columns = (SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn())
     with Progress(*columns, console=console, transient=True) as bar:

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 from rich.console import Console
 
 from chattune.errors import ChattuneError
+from chattune.paths import data_cache_home
 
 if TYPE_CHECKING:
     from chattune.config import TrainConfig
@@ -30,7 +31,6 @@ def check_data(
     printed from the cache alone."""
     from chattune.data.cache import lookup, probe_key
     from chattune.data.check import print_check, print_json_samples
-    from chattune.data.prepare import data_cache_dir
 
     key = {"train": "train_file", "eval": "eval_file"}.get(split)
     if key is None:
@@ -40,7 +40,7 @@ def check_data(
     # taken before the tokenizer loads: should its files change meanwhile, the index written below is filed
     # under their old state, which no later run matches
     probe = probe_key(cfg, file)
-    hit = lookup(data_cache_dir(), probe, n, with_tokens=not as_json) if probe else None
+    hit = lookup(data_cache_home(), probe, n, with_tokens=not as_json) if probe else None
     if hit is not None:  # already encoded: printed from the cache alone, no tokenizer (torch, transformers)
         rows, stats, names, header = hit.rows, hit.stats, hit.tokens, (hit.template, hit.tokenizer)
     else:

@@ -2,21 +2,10 @@
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
-
-def read_log(path: Path) -> list[dict]:
-    """The records of a trainer_log.jsonl (a torn last line from a killed run is ignored)."""
-    records = []
-    if path.is_file():
-        for line in path.read_text(encoding="utf-8").splitlines():
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
-    return records
+from chattune.rundir import read_log
 
 
 def smooth(values: list[float], weight: float = 0.9) -> list[float]:

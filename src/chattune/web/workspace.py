@@ -23,7 +23,7 @@ import yaml
 
 from chattune.config import TrainConfig, build_config
 from chattune.label.store import LabelStore
-from chattune.train.plot import read_log
+from chattune.rundir import LOG, read_log
 
 RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
@@ -146,7 +146,7 @@ class Workspace:
             raise ValueError(f"{name!r} is not a run name (letters, digits, '.', '_' and '-')")
         path = self.resolve(Path("runs") / name)
         output = path / OUTPUT_DIR if (path / OUTPUT_DIR).is_dir() else path
-        log = read_log(output / "trainer_log.jsonl")
+        log = read_log(output / LOG)
         pid = _read_pid(path / PID_FILE)
         if pid is not None and pid_alive(pid):
             status = "running"
