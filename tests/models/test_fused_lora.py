@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 from tests.conftest import save_tiny_llama
-from tests.models.conftest import assert_same_step, record_fallbacks
+from tests.models.conftest import LoraNumerics, assert_same_step, record_fallbacks
 
-from chattune.models import fused_lora
+from chattune.models import fused_lora, load
 from chattune.models.fused_lora import FusedLoraLinearForward, fuse_lora_linears
 from chattune.models.fused_mlp import FusedLoraMlpForward, fuse_lora_mlps
 
@@ -22,19 +22,22 @@ FUSED = (FusedLoraLinearForward, FusedLoraMlpForward)
 
 @pytest.mark.parametrize("with_mlp", [False, True])
 def test_same_loss_and_gradients(
-    tiny_model_dir: Path, make_lora_model, lora_step, with_mlp: bool, precision: str
+    tiny_model_dir: Path, make_lora_model, lora_step, peft_steps, with_mlp: bool, numerics: LoraNumerics
 ) -> None:
-    reference = lora_step(make_lora_model(tiny_model_dir, precision, lora_dropout=0.0), IDS)
-    model = make_lora_model(tiny_model_dir, precision, lora_dropout=0.0)
+    peft = peft_steps(tiny_model_dir, numerics, IDS, lora_dropout=0.0)
+    model = make_lora_model(tiny_model_dir, numerics.precision, lora_dropout=0.0)
     if with_mlp:
         assert fuse_lora_mlps(model) == 2
     assert fuse_lora_linears(model) == 14  # 2 layers x (q, k, v, o, gate, up, down)
     fallbacks = record_fallbacks(model, FUSED)
     fused = lora_step(model, IDS)
     assert fallbacks == []  # every layer really ran fused, fp32 adapters on a bf16 base included
+    half = torch.bfloat16 if numerics.half_rank else torch.float32
+    ranks = {fused_lora.adapted(m).rank_dtype for m in model.modules() if fused_lora.adapted(m) is not None}
+    assert ranks == {half}
     assert any("q_proj" in name for name in fused[1])
-    assert_same_step(reference, fused, precision)
-    assert fused[2] <= reference[2]  # no more saved for backward than peft's modules
+    assert_same_step(peft, fused, numerics)
+    assert fused[2] <= peft.reference[2]  # no more saved for backward than peft's modules
 
 
 @pytest.fixture(scope="module")
@@ -45,20 +48,28 @@ def biased_model_dir(tmp_path_factory, chatml_tokenizer) -> Path:
     )
 
 
-def test_frozen_bias(biased_model_dir: Path, make_lora_model, lora_step, precision: str) -> None:
-    reference = lora_step(make_lora_model(biased_model_dir, precision, lora_dropout=0.0), IDS)
-    model = make_lora_model(biased_model_dir, precision, lora_dropout=0.0)
+def test_frozen_bias(
+    biased_model_dir: Path, make_lora_model, lora_step, peft_steps, numerics: LoraNumerics
+) -> None:
+    peft = peft_steps(biased_model_dir, numerics, IDS, lora_dropout=0.0)
+    model = make_lora_model(biased_model_dir, numerics.precision, lora_dropout=0.0)
     assert fuse_lora_linears(model) == 14
     fallbacks = record_fallbacks(model, FUSED)
-    assert_same_step(reference, lora_step(model, IDS), precision)
+    assert_same_step(peft, lora_step(model, IDS), numerics)
     assert fallbacks == []
 
 
 def test_lora_dropout_gives_peft_gradients_for_the_same_masks(
-    tiny_model_dir: Path, make_lora_model, lora_step, replay_masks, monkeypatch, precision: str
+    tiny_model_dir: Path,
+    make_lora_model,
+    lora_step,
+    peft_steps,
+    replay_masks,
+    monkeypatch,
+    numerics: LoraNumerics,
 ) -> None:
     settings = {"lora_dropout": 0.3, "lora_target": list(ATTENTION)}
-    model = make_lora_model(tiny_model_dir, precision, **settings)
+    model = make_lora_model(tiny_model_dir, numerics.precision, **settings)
     assert fuse_lora_linears(model) == 8
     drawn: list[torch.Tensor] = []
     draw = fused_lora.keep_mask
@@ -66,10 +77,9 @@ def test_lora_dropout_gives_peft_gradients_for_the_same_masks(
     fused = lora_step(model, IDS)
     assert len(drawn) == 8 and 0.6 < float(torch.cat([m.flatten() for m in drawn]).float().mean()) < 0.8
 
-    reference = make_lora_model(tiny_model_dir, precision, **settings)
     # drawn in forward order (q, k, v, o per layer), at 0.3 quantised to 77/256 and scaled by 256/179
-    replay_masks(reference, drawn, ATTENTION, 77 / 256)
-    assert_same_step(lora_step(reference, IDS), fused, precision)
+    replay = lambda reference: replay_masks(reference, drawn, ATTENTION, 77 / 256)  # noqa: E731
+    assert_same_step(peft_steps(tiny_model_dir, numerics, IDS, replay, **settings), fused, numerics)
     model.eval()  # no dropout in eval, and no gradient: peft's forward, no masks drawn
     drawn.clear()
     with torch.no_grad():
@@ -127,3 +137,16 @@ def test_keep_masks_keep_one_minus_the_quantised_p(p: float) -> None:
     scale = fused_lora.Adapted(like, like, like, 1.0, p_q).adapter_scale
     mean = float(mask.double().mean()) * scale
     assert abs(mean - 1) < 5 * (p_q / (1 - p_q)) ** 0.5 / n**0.5
+
+
+def test_rank_path_in_bf16_only_for_fp32_adapters_on_bf16_where_bf16_matmuls_are_fast(monkeypatch) -> None:
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    bf16, fp16, fp32 = torch.bfloat16, torch.float16, torch.float32
+    for fast_cpu in (False, True):
+        monkeypatch.setattr(load, "cpu_has_fast_bf16", lambda fast=fast_cpu: fast)
+        assert fused_lora.rank_dtype_for(bf16, fp32, cpu) == (bf16 if fast_cpu else fp32)
+        assert fused_lora.rank_dtype_for(bf16, fp32, cuda) == bf16
+        # fp16 keeps the fp32 rank-r path (loss-scaled gradients); same-dtype adapters compute in their own
+        assert fused_lora.rank_dtype_for(fp16, fp32, cuda) == fp32
+        assert fused_lora.rank_dtype_for(fp32, fp32, cuda) == fp32
+        assert fused_lora.rank_dtype_for(bf16, bf16, cpu) == bf16

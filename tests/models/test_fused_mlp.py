@@ -8,8 +8,7 @@ from pathlib import Path
 
 import torch
 from rich.console import Console
-from tests.conftest import DTYPES
-from tests.models.conftest import assert_same_step, record_fallbacks
+from tests.models.conftest import LoraNumerics, assert_same_step, record_fallbacks
 
 from chattune.config import build_config
 from chattune.models import fused_mlp
@@ -25,29 +24,30 @@ def _mlps(model) -> list:
 
 
 def test_same_loss_and_gradients_with_less_saved(
-    tiny_model_dir: Path, make_lora_model, lora_step, precision: str
+    tiny_model_dir: Path, make_lora_model, lora_step, peft_steps, numerics: LoraNumerics
 ) -> None:
-    reference = lora_step(make_lora_model(tiny_model_dir, precision, lora_dropout=0.0), IDS)
-    model = make_lora_model(tiny_model_dir, precision, lora_dropout=0.0)
+    peft = peft_steps(tiny_model_dir, numerics, IDS, lora_dropout=0.0)
+    reference = peft.reference
+    model = make_lora_model(tiny_model_dir, numerics.precision, lora_dropout=0.0)
     assert fuse_lora_mlps(model) == 2
     fallbacks = record_fallbacks(model, (FusedLoraMlpForward,))
     fused = lora_step(model, IDS)
     assert fallbacks == []
     assert any("mlp" in n for n in fused[1])
-    assert_same_step(reference, fused, precision)
+    assert_same_step(peft, fused, numerics)
     # per token the tiny MLP saved 4 x 128 wide tensors; fused it saves 2 of them (2 bytes each in bf16)
-    width = torch.finfo(DTYPES[precision]).bits // 8
+    width = torch.finfo(numerics.dtype).bits // 8
     assert fused[2] < reference[2] - 2 * IDS.numel() * 128 * width * 2 * 0.95, (fused[2], reference[2])
 
 
 def test_composes_with_mlp_checkpointing(
-    tiny_model_dir: Path, make_lora_model, lora_step, precision: str
+    tiny_model_dir: Path, make_lora_model, lora_step, peft_steps, numerics: LoraNumerics
 ) -> None:
-    reference = lora_step(make_lora_model(tiny_model_dir, precision, lora_dropout=0.0), IDS)
-    model = make_lora_model(tiny_model_dir, precision, lora_dropout=0.0)
+    peft = peft_steps(tiny_model_dir, numerics, IDS, lora_dropout=0.0)
+    model = make_lora_model(tiny_model_dir, numerics.precision, lora_dropout=0.0)
     fuse_lora_mlps(model)
     checkpoint_mlps(model)
-    assert_same_step(reference, lora_step(model, IDS), precision)
+    assert_same_step(peft, lora_step(model, IDS), numerics)
 
 
 def test_runs_the_original_forward_where_it_does_not_apply(tiny_model_dir: Path, make_lora_model) -> None:
@@ -66,11 +66,17 @@ def test_runs_the_original_forward_where_it_does_not_apply(tiny_model_dir: Path,
 
 
 def test_lora_dropout_gives_peft_gradients_for_the_same_masks(
-    tiny_model_dir: Path, make_lora_model, lora_step, replay_masks, monkeypatch, precision: str
+    tiny_model_dir: Path,
+    make_lora_model,
+    lora_step,
+    peft_steps,
+    replay_masks,
+    monkeypatch,
+    numerics: LoraNumerics,
 ) -> None:
     # adapters on the MLP only, so that every dropout mask in the model is one the fused function draws
     settings = {"lora_dropout": 0.3, "lora_target": list(fused_mlp.PROJECTIONS)}
-    model = make_lora_model(tiny_model_dir, precision, **settings)
+    model = make_lora_model(tiny_model_dir, numerics.precision, **settings)
     assert fuse_lora_mlps(model) == 2
     drawn: list[torch.Tensor] = []
     draw = fused_mlp.keep_mask
@@ -84,10 +90,9 @@ def test_lora_dropout_gives_peft_gradients_for_the_same_masks(
     expected = p**2 + (1 - p) ** 2
     assert abs(agree - expected) < 5 * (expected * (1 - expected) / (2 * drawn[0].numel())) ** 0.5, agree
 
-    reference = make_lora_model(tiny_model_dir, precision, **settings)
     # drawn in gate, up, down order per layer, at 0.3 quantised to 77/256
-    replay_masks(reference, drawn, fused_mlp.PROJECTIONS, 77 / 256)
-    assert_same_step(lora_step(reference, IDS), fused, precision)
+    replay = lambda reference: replay_masks(reference, drawn, fused_mlp.PROJECTIONS, 77 / 256)  # noqa: E731
+    assert_same_step(peft_steps(tiny_model_dir, numerics, IDS, replay, **settings), fused, numerics)
     model.eval()  # no dropout in eval: the fused path must not draw masks there either
     drawn.clear()
     with torch.no_grad():

@@ -8,6 +8,13 @@ these skinny shapes). Here the scale folds into one addmm on the way forward and
 rank-r products run in the fast layouts: the same saved tensors (the input and the rank-r activation) and the
 same gradients. The frozen base weight (and bias) get no gradient, as under autograd.
 
+peft keeps the adapters in fp32 over a bf16 base. On hardware with fast bf16 matmuls (GPUs, AVX-512-BF16/AMX
+CPUs) the rank-r path then computes in bf16 from the fp32 weights (cast per call: r x width, tiny) and the
+weight gradients come back in fp32: the input and output gradient never leave bf16, where peft converts
+every activation to fp32 and back in forward and again in backward, passes that cost as much as the bf16
+matmul beside them there. This is what bf16 autocast computes for the same adapters. Elsewhere (AVX2 CPUs,
+fp16) the rank-r path computes in fp32 as peft's does.
+
 Applied per layer only where the layer is a plain peft LoRA Linear (checked numerically against its own
 forward when patched); anything else at run time (adapters disabled or merged, several adapters, autocast,
 an input in another dtype than the base, sharded weights, no gradient needed, extra forward arguments) runs
@@ -17,10 +24,12 @@ peft's forward.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 import torch
+
+from chattune.models import load
 
 if TYPE_CHECKING:
     from torch.nn import Module
@@ -28,10 +37,25 @@ if TYPE_CHECKING:
 HALF = (torch.bfloat16, torch.float16)
 
 
+def fast_bf16_matmuls(device: torch.device) -> bool:
+    """bf16 matmuls run faster than fp32 on `device`: GPUs, and CPUs with AVX-512-BF16 or AMX."""
+    return device.type == "cuda" or (device.type == "cpu" and load.cpu_has_fast_bf16())
+
+
+def rank_dtype_for(base: torch.dtype, adapters: torch.dtype, device: torch.device) -> torch.dtype:
+    """The dtype the rank-r path computes in: the adapters' own, except fp32 adapters on a bf16 base where
+    bf16 matmuls are fast, which compute in bf16 (fp16 keeps fp32: its gradients would need the loss scale's
+    headroom in the sums over tokens)."""
+    if base == torch.bfloat16 and adapters == torch.float32 and fast_bf16_matmuls(device):
+        return torch.bfloat16
+    return adapters
+
+
 @dataclass(frozen=True)
 class Adapted:
     """One projection: y = x W^T + bias + scale · dropout(x) A^T B^T, with `p` the dropout probability in use
-    (peft's, quantised: see keep_mask)."""
+    (peft's, quantised: see keep_mask) and `rank_dtype` the dtype the rank-r path computes in (see
+    rank_dtype_for; the adapters' own when not given)."""
 
     w: torch.Tensor
     a: torch.Tensor
@@ -39,6 +63,19 @@ class Adapted:
     scale: float
     p: float
     bias: torch.Tensor | None = None
+    rank_dtype: torch.dtype | None = None
+
+    def __post_init__(self) -> None:
+        if self.rank_dtype is None:
+            object.__setattr__(self, "rank_dtype", self.a.dtype)
+
+    def rank_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """A and B in the rank-r path's dtype (a cast of r x width elements where it differs)."""
+        return self.a.to(self.rank_dtype), self.b.to(self.rank_dtype)
+
+    def rank_input(self, x: torch.Tensor) -> torch.Tensor:
+        """The projection's input in the rank-r path's dtype (one copy, shared by projections of one input)."""
+        return x.to(self.rank_dtype)
 
     @property
     def adapter_scale(self) -> float:
@@ -77,7 +114,8 @@ def adapted(layer: Any, allow_bias: bool = False) -> Adapted | None:
         return None
     if any(type(m) is not torch.nn.Linear or m.bias is not None for m in (a, b)):
         return None
-    return Adapted(base.weight, a.weight, b.weight, float(layer.scaling[name]), p, base.bias)
+    rank_dtype = rank_dtype_for(base.weight.dtype, a.weight.dtype, base.weight.device)
+    return Adapted(base.weight, a.weight, b.weight, float(layer.scaling[name]), p, base.bias, rank_dtype)
 
 
 def plain_tensors(projs: list[Adapted]) -> bool:
@@ -146,19 +184,28 @@ def mm_t(wide: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 
 def lora_forward(
-    x: torch.Tensor, proj: Adapted, mask: torch.Tensor | None
+    x: torch.Tensor, proj: Adapted, mask: torch.Tensor | None, x_rank: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(x W^T + bias + s' (mask x A^T) B^T, mask x A^T) for 2-D x, s' the adapter scale with dropout's.
-
-    fp32 adapters on a half-precision base take x in fp32 and add to the base output in fp32 before rounding
-    it back, as peft's forward does.
-    """
+    """(x W^T + bias + s' (mask x A^T) B^T, mask x A^T) for 2-D x, s' the adapter scale with dropout's;
+    `x_rank` is x in the rank-r dtype where the caller has it already."""
     base = x @ proj.w.T if proj.bias is None else torch.addmm(proj.bias, x, proj.w.T)
-    xa = masked(x.to(proj.a.dtype), mask) @ proj.a.T
+    return adapter_forward(base, x, proj, mask, x_rank)
+
+
+def adapter_forward(
+    base: torch.Tensor, x: torch.Tensor, proj: Adapted, mask: torch.Tensor | None, x_rank: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The base output `base` (x W^T + bias) with the adapter's term added, and mask x A^T.
+
+    A rank-r path in fp32 over a half-precision base takes x in fp32 and adds to the base output in fp32
+    before rounding it back, as peft's forward does.
+    """
+    a, b = proj.rank_weights()
+    xa = masked(proj.rank_input(x) if x_rank is None else x_rank, mask) @ a.T
     scale = proj.adapter_scale
-    if proj.a.dtype == base.dtype:
-        return base.addmm_(xa, proj.b.T, alpha=scale), xa
-    return torch.addmm(base.to(proj.a.dtype), xa, proj.b.T, alpha=scale).to(base.dtype), xa
+    if proj.rank_dtype == base.dtype:
+        return base.addmm_(xa, b.T, alpha=scale), xa
+    return torch.addmm(base.to(proj.rank_dtype), xa, b.T, alpha=scale).to(base.dtype), xa
 
 
 def lora_backward(
@@ -168,21 +215,38 @@ def lora_backward(
     proj: Adapted,
     mask: torch.Tensor | None,
     need_dx: bool,
+    x_rank: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
-    """(dx, dA, dB) of one projection given its output gradient, input and rank-r activation (mask x A^T)."""
-    wide, scale = dy.to(proj.a.dtype), proj.adapter_scale
-    dyb = mm_t(wide, proj.b)
-    d_a = (dyb.T @ masked(x.to(proj.a.dtype), mask)).mul_(scale)
-    d_b = t_mm(wide, xa).mul_(scale)
-    if not need_dx:
+    """(dx, dA, dB) of one projection given its output gradient, input and rank-r activation (mask x A^T);
+    dA and dB in the adapters' dtype whatever the rank-r path computed in."""
+    return adapter_backward(dy, x, xa, proj, mask, dy @ proj.w if need_dx else None, x_rank)
+
+
+def adapter_backward(
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    xa: torch.Tensor,
+    proj: Adapted,
+    mask: torch.Tensor | None,
+    dx: torch.Tensor | None,
+    x_rank: torch.Tensor | None,
+) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
+    """(dx, dA, dB) given the base path's input gradient `dx` (dy W, None when x needs none), to which the
+    adapter's is added."""
+    wide, scale = dy.to(proj.rank_dtype), proj.adapter_scale
+    a, b = proj.rank_weights()
+    dyb = mm_t(wide, b)
+    x_rank = proj.rank_input(x) if x_rank is None else x_rank
+    d_a = (dyb.T @ masked(x_rank, mask)).to(proj.a.dtype).mul_(scale)
+    d_b = t_mm(wide, xa).to(proj.b.dtype).mul_(scale)
+    if dx is None:
         return None, d_a, d_b
-    dx = dy @ proj.w
     if dyb.dtype == dx.dtype:
         if mask is None:
-            return dx.addmm_(dyb, proj.a, alpha=scale), d_a, d_b
-        return dx.addcmul_(dyb @ proj.a, mask, value=scale), d_a, d_b  # one pass: mask, scale and sum
-    # fp32 adapters on a half base: the adapter's term in fp32, rounded once, as peft adds it
-    return dx.add_(masked(dyb @ proj.a, mask).mul_(scale).to(dx.dtype)), d_a, d_b
+            return dx.addmm_(dyb, a, alpha=scale), d_a, d_b
+        return dx.addcmul_(dyb @ a, mask, value=scale), d_a, d_b  # one pass: mask, scale and sum
+    # a rank-r path in fp32 on a half base: the adapter's term in fp32, rounded once, as peft adds it
+    return dx.add_(masked(dyb @ a, mask).mul_(scale).to(dx.dtype)), d_a, d_b
 
 
 class _LoraLinear(torch.autograd.Function):
@@ -233,7 +297,7 @@ def _agrees(fused: FusedLoraLinearForward) -> bool:
         expected = fused.original(x)
     finally:
         fused.layer.train(was_training)
-    got = lora_forward(x, Adapted(proj.w, proj.a, proj.b, proj.scale, 0.0, proj.bias), None)[0]
+    got = lora_forward(x, replace(proj, p=0.0), None)[0]
     return expected.shape == got.shape and torch.allclose(expected, got, **tolerance(x.dtype))
 
 

@@ -11,11 +11,13 @@ are skipped, as autograd would.
 Applied per MLP block only where the structure is exactly that (checked numerically against the block's own
 forward when patched); any other case at run time (adapters disabled or merged, autocast, an input in another
 dtype than the base, sharded weights, no gradient needed) runs the block's original forward. fp32 adapters on
-a bf16 base (peft's default) are fused too, computing as peft does (see fused_lora.lora_forward).
+a bf16 base (peft's default) are fused too, their rank-r path in bf16 where bf16 matmuls are fast and in fp32
+elsewhere (see fused_lora); gate and up convert their shared input once.
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -42,8 +44,9 @@ PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 def _swiglu(x: torch.Tensor, gate: Adapted, up: Adapted, down: Adapted, masks: list) -> tuple:
     """The block's output and what backward needs: (y, gate out, up out, the three dropout(x) A^T)."""
     masks[0:2] = keep_mask(x, gate.p), keep_mask(x, up.p)
-    g, xag = lora_forward(x, gate, masks[0])
-    u, xau = lora_forward(x, up, masks[1])
+    x_rank = gate.rank_input(x)  # gate and up read the same input: one conversion where there is one
+    g, xag = lora_forward(x, gate, masks[0], x_rank)
+    u, xau = lora_forward(x, up, masks[1], x_rank)
     h = F.silu(g).mul_(u)
     masks[2] = keep_mask(h, down.p)
     y, had = lora_forward(h, down, masks[2])
@@ -75,8 +78,9 @@ class _LoraSwiGLU(torch.autograd.Function):
         del act, sig
         grads: list = []
         parts = []
+        x_rank = gate.rank_input(x)
         for d, xa, proj, mask in ((dg, xag, gate, mask_g), (du, xau, up, mask_u)):
-            part, d_a, d_b = lora_backward(d, x, xa, proj, mask, ctx.needs_input_grad[0])
+            part, d_a, d_b = lora_backward(d, x, xa, proj, mask, ctx.needs_input_grad[0], x_rank)
             grads += [None, d_a, d_b]
             parts.append(part)
         dx = parts[0].add_(parts[1]) if ctx.needs_input_grad[0] else None
@@ -122,7 +126,7 @@ def _agrees(fused: FusedLoraMlpForward) -> bool:
         return False
     w = projs[0].w
     x = torch.randn(3, w.shape[1], dtype=w.dtype, device=w.device)
-    no_dropout = [Adapted(p.w, p.a, p.b, p.scale, 0.0) for p in projs]
+    no_dropout = [replace(p, p=0.0) for p in projs]
     was_training = fused.module.training
     fused.module.eval()  # the original forward without dropout, to compare like with like
     try:

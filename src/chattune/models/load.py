@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -50,8 +51,11 @@ def load_tokenizer(model: str, tokenizer: str | None = None, trust_remote_code: 
     return tok
 
 
+@functools.cache
 def cpu_has_fast_bf16() -> bool:
-    """True on CPUs with AVX-512-BF16 or AMX; elsewhere bf16 matmuls run 50-400x slower than fp32."""
+    """True on CPUs with AVX-512-BF16 or AMX; elsewhere bf16 matmuls run 50-400x slower than fp32.
+
+    Cached: the fused LoRA functions ask on every forward."""
     try:
         flags = Path("/proc/cpuinfo").read_text()
     except OSError:
