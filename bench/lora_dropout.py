@@ -4,11 +4,13 @@ All in one process, the variants of each measurement interleaved round by round,
 the rounds in milliseconds: a shared machine's speed drifts, so only ratios within one invocation mean much.
 
 - masks: `rand_like(x) >= p` (chattune's mask before: one 32-bit draw and one float per element), a uint8
-  tensor's `random_()` (one draw per byte), and keep_mask (random bytes eight to a 64-bit word), for
-  SmolLM2-135M's widths (576, 1536) at 2048 tokens; the rand_like mask in the input's dtype.
+  tensor's `random_()` (one draw per byte), and keep_mask (random bytes eight to a 64-bit word), alone and
+  with its 1/0 form in the input's dtype, for SmolLM2-135M's widths (576, 1536) at 2048 tokens.
 - block: SmolLM2-135M's MLP block (576 -> 1536 -> 576) with LoRA r=8 on gate/up/down, peft's modules
   replaced by the fused SwiGLU function, forward + backward of `tokens` rows, at dropout 0, at dropout 0.1 with
-  the rand_like mask, and at dropout 0.1 with keep_mask. fp32 at 2048 tokens; bf16 (base in bf16, adapters in
+  the rand_like mask, with keep_mask's bytes applied as a bool mask (a multiply that mixes dtypes: chattune
+  before), and with keep_mask as the functions use it (1/0 in the input's dtype where applied). fp32 at
+  2048 tokens; bf16 (base in bf16, adapters in
   fp32 as peft keeps them) at --bf16-tokens, as bf16 matmuls are slow on a CPU without AVX-512-BF16/AMX.
 """
 
@@ -30,6 +32,27 @@ SHAPES = ((2048, 576), (2048, 1536))
 def rand_like_mask(like: torch.Tensor, p: float) -> torch.Tensor | None:
     """The keep mask chattune drew before keep_mask: one uniform float per element."""
     return None if p == 0 else torch.rand_like(like) >= p
+
+
+class BoolMask(fused_lora.KeepMask):
+    """A bool keep mask in the form the fused functions take (applied as a bool, as chattune did before)."""
+
+    def __init__(self, kept: torch.Tensor):
+        super().__init__(kept, 1)
+
+    def of(self, dtype: torch.dtype) -> torch.Tensor:
+        return self.bytes
+
+
+def rand_like_keep_mask(like: torch.Tensor, p: float) -> BoolMask | None:
+    """rand_like_mask for the fused functions."""
+    return None if p == 0 else BoolMask(rand_like_mask(like, p))
+
+
+def bool_keep_mask(like: torch.Tensor, p: float) -> BoolMask | None:
+    """keep_mask's bytes turned into a bool mask and multiplied as one (chattune before byte-to-float masks)."""
+    mask = fused_lora.keep_mask(like, p)
+    return None if mask is None else BoolMask(mask.kept)
 
 
 def uint8_mask(like: torch.Tensor, p: float) -> torch.Tensor:
@@ -114,11 +137,13 @@ def main() -> None:
                 "rand_like >= p": lambda x=x: rand_like_mask(x, a.p),
                 "uint8 random_()": lambda x=x: uint8_mask(x, p_q),
                 "keep_mask (int64 bytes)": lambda x=x: fused_lora.keep_mask(x, p_q),
+                "keep_mask, 1/0 in x's dtype": lambda x=x: fused_lora.keep_mask(x, p_q).of(x.dtype),
+                "keep_mask, as bools": lambda x=x: fused_lora.keep_mask(x, p_q).kept,
                 "keep_mask x2 (gate, up)": lambda x=x: (
                     fused_lora.keep_mask(x, p_q),
                     fused_lora.keep_mask(x, p_q),
                 ),
-                "keep_mask, one 2x draw": lambda b=both: fused_lora.keep_mask(b, p_q).chunk(2),
+                "keep_mask, one 2x draw": lambda b=both: fused_lora.keep_mask(b, p_q).bytes.chunk(2),
             }
             show(f"masks {tuple(shape)} {dtype}:", interleaved(variants, a.rounds, 5), "rand_like >= p")
     keep = fused_lora.keep_mask
@@ -127,7 +152,8 @@ def main() -> None:
         plain, dropout = mlp_block(dtype, 0.0), mlp_block(dtype, a.p)
         variants = {
             "dropout 0": block_step(plain, x, keep),
-            f"dropout {a.p}, rand_like": block_step(dropout, x, rand_like_mask),
+            f"dropout {a.p}, rand_like": block_step(dropout, x, rand_like_keep_mask),
+            f"dropout {a.p}, bool keep_mask": block_step(dropout, x, bool_keep_mask),
             f"dropout {a.p}, keep_mask": block_step(dropout, x, keep),
         }
         title = f"fused MLP block forward + backward, {tokens} x 576 {dtype}:"

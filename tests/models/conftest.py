@@ -165,6 +165,20 @@ def lora_step() -> Callable[..., tuple[torch.Tensor, dict[str, torch.Tensor], in
     return step
 
 
+def record_masks(monkeypatch: pytest.MonkeyPatch, module: Any) -> list[torch.Tensor | None]:
+    """The keep masks `module`'s fused functions draw from now on, as bools, in the order drawn."""
+    drawn: list[torch.Tensor | None] = []
+    draw = module.keep_mask
+
+    def record(like: torch.Tensor, p: float) -> Any:
+        mask = draw(like, p)
+        drawn.append(None if mask is None else mask.kept)
+        return mask
+
+    monkeypatch.setattr(module, "keep_mask", record)
+    return drawn
+
+
 class FixedMask(torch.nn.Module):
     """Dropout with a given keep mask, to replay the masks a fused run drew through peft's modules."""
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 from tests.conftest import save_tiny_llama
-from tests.models.conftest import LoraNumerics, assert_same_step, record_fallbacks
+from tests.models.conftest import LoraNumerics, assert_same_step, record_fallbacks, record_masks
 
 from chattune.models import fused_lora, load
 from chattune.models.fused_lora import FusedLoraLinearForward, fuse_lora_linears
@@ -71,9 +71,7 @@ def test_lora_dropout_gives_peft_gradients_for_the_same_masks(
     settings = {"lora_dropout": 0.3, "lora_target": list(ATTENTION)}
     model = make_lora_model(tiny_model_dir, numerics.precision, **settings)
     assert fuse_lora_linears(model) == 8
-    drawn: list[torch.Tensor] = []
-    draw = fused_lora.keep_mask
-    monkeypatch.setattr(fused_lora, "keep_mask", lambda like, p: drawn.append(draw(like, p)) or drawn[-1])
+    drawn = record_masks(monkeypatch, fused_lora)
     fused = lora_step(model, IDS)
     assert len(drawn) == 8 and 0.6 < float(torch.cat([m.flatten() for m in drawn]).float().mean()) < 0.8
 
@@ -127,8 +125,11 @@ def test_keep_masks_keep_one_minus_the_quantised_p(p: float) -> None:
     torch.manual_seed(0)
     p_q = fused_lora.quantised(p)
     like = torch.empty(2**20 + 3, 8, dtype=torch.bfloat16)  # not a whole number of words
-    mask = fused_lora.keep_mask(like, p_q)
+    drawn = fused_lora.keep_mask(like, p_q)
+    mask = drawn.kept
     assert mask.dtype == torch.bool and mask.shape == like.shape
+    for dtype in (torch.float32, torch.bfloat16):  # the 1/0 form the functions multiply by
+        assert torch.equal(drawn.of(dtype), mask.to(dtype))
     n, sigma = like.numel(), (p_q * (1 - p_q)) ** 0.5
     assert abs(float(mask.float().mean()) - (1 - p_q)) < 5 * sigma / n**0.5
     per_byte = mask[: 2**20].reshape(-1, 8).float().mean(0)  # element i came from byte i % 8 of a word

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 from rich.console import Console
-from tests.models.conftest import LoraNumerics, assert_same_step, record_fallbacks
+from tests.models.conftest import LoraNumerics, assert_same_step, record_fallbacks, record_masks
 
 from chattune.config import build_config
 from chattune.models import fused_mlp
@@ -78,9 +78,7 @@ def test_lora_dropout_gives_peft_gradients_for_the_same_masks(
     settings = {"lora_dropout": 0.3, "lora_target": list(fused_mlp.PROJECTIONS)}
     model = make_lora_model(tiny_model_dir, numerics.precision, **settings)
     assert fuse_lora_mlps(model) == 2
-    drawn: list[torch.Tensor] = []
-    draw = fused_mlp.keep_mask
-    monkeypatch.setattr(fused_mlp, "keep_mask", lambda like, p: drawn.append(draw(like, p)) or drawn[-1])
+    drawn = record_masks(monkeypatch, fused_mlp)
     fused = lora_step(model, IDS)
     assert len(drawn) == 6 and 0.6 < float(torch.cat([m.flatten() for m in drawn]).float().mean()) < 0.8
     # gate and up read the same x: their masks agree where two independent draws would, p^2 + (1-p)^2 of the
