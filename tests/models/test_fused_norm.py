@@ -64,11 +64,17 @@ def test_same_loss_and_gradients_in_a_lora_step(
         _with_norm_weights(make_lora_model(tiny_model_dir, precision, lora_dropout=0.0)), IDS
     )
     model = _with_norm_weights(make_lora_model(tiny_model_dir, precision, lora_dropout=0.0))
+    # with the `kernels` package installed, transformers re-kernelizes on every train()/eval() mode change,
+    # which drops the instance forward of its RMSNorm classes: switched off here, as run.py will have to
+    model.base_model.model.use_kernels = False
     fuse_lora_mlps(model)  # as training installs them: next to the fused MLP blocks
     assert fuse_rms_norms(model) == 5  # two per layer and the final norm
     fallbacks = record_fallbacks(model, (FusedRmsNormForward,))
     fused = lora_step(model, IDS)
-    assert fallbacks == []
+    norms = [m for m in model.modules() if type(m).__name__ == "LlamaRMSNorm"]
+    assert all(isinstance(m.forward, FusedRmsNormForward) for m in norms)  # still in place after train()
+    # the first layer's input norm sees the frozen embedding's output, which needs no gradient
+    assert fallbacks == ["base_model.model.model.layers.0.input_layernorm"]
     assert_same_step(reference, fused, precision)
     assert fused[2] < reference[2]  # x and one rstd per row saved instead of x in fp32 and the normalised x
 
