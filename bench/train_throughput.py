@@ -56,7 +56,7 @@ CHATTUNE_RUNS: dict[str, dict[str, Any]] = {
     "chattune-dropout": {"lora_dropout": 0.1},  # what LoRA dropout costs (chattune's default dropout)
     "chattune-glibc": {},
 }
-RUNS = (*CHATTUNE_RUNS, "trl", "trl-nogc", "trl-packing", "trl-tcmalloc")
+RUNS = (*CHATTUNE_RUNS, "trl", "trl-nogc", "trl-packing", "trl-tcmalloc", "trl-dropout")
 # the malloc each run uses: chattune's own choice (what `chattune train` does: tcmalloc when installed), TRL as
 # its users run it (glibc); the -glibc / -tcmalloc runs swap them, to show what the allocator alone is worth
 ALLOCATOR = {"chattune-glibc": "system", "trl-tcmalloc": "tcmalloc"}
@@ -134,6 +134,47 @@ def matmul_peak(device: str, precision: str, trials: int = 5) -> float:
     return best
 
 
+def model_shape_peak(
+    model_dir: str, device: str, precision: str, tokens: int = 2048, trials: int = 7
+) -> float:
+    """Median GFLOP/s over `trials` of the model's own projection matmuls (every layer's q, k, v, o, gate,
+    up and down, forward shapes) on `tokens` rows: the peak a training step's matmuls could reach here."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(model_dir)
+    hidden, inter = config.hidden_size, config.intermediate_size
+    kv = config.num_key_value_heads * (
+        getattr(config, "head_dim", None) or hidden // config.num_attention_heads
+    )
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    torch.set_num_threads(available_cores())
+    shapes = [
+        (hidden, hidden),
+        (hidden, kv),
+        (hidden, kv),
+        (hidden, hidden),
+        (hidden, inter),
+        (hidden, inter),
+    ]
+    shapes.append((inter, hidden))
+    pairs = [
+        (torch.randn(tokens, i, device=device, dtype=dtype), torch.randn(o, i, device=device, dtype=dtype))
+        for i, o in shapes
+    ]
+    flops = sum(2 * tokens * i * o for i, o in shapes)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    rates = []
+    for trial in range(trials + 1):  # the first trial warms up
+        sync()
+        t = time.perf_counter()
+        for x, w in pairs:
+            x @ w.T
+        sync()
+        if trial:
+            rates.append(flops / (time.perf_counter() - t) / 1e9)
+    return statistics.median(rates)
+
+
 def count_tokens(trainer_cls: type, counts: dict[str, int]) -> None:
     """Wrap `trainer_cls.training_step` to count the supervised and non-pad tokens of each batch it trains on."""
     original = trainer_cls.training_step
@@ -207,7 +248,11 @@ def run_trl(a: argparse.Namespace, out: Path, counts: dict[str, int]) -> dict[st
     args = SFTConfig(**job)
     count_tokens(SFTTrainer, counts)
     lora = LoraConfig(
-        r=8, lora_alpha=16, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM"
+        r=8,
+        lora_alpha=16,
+        lora_dropout=0.1 if a.child == "trl-dropout" else 0.0,
+        target_modules="all-linear",
+        task_type="CAUSAL_LM",
     )
     tokenizer = AutoTokenizer.from_pretrained(a.model)
     trainer = SFTTrainer(a.model, args, train_dataset=dataset, processing_class=tokenizer, peft_config=lora)
@@ -331,6 +376,37 @@ def report(results: dict[str, dict[str, Any]], peak: float, device: str, precisi
         console.print(f"peak GPU memory allocated (MiB): {gpu}", highlight=False)
 
 
+def report_dropout(results: dict[str, dict[str, Any]], shape_peak: float, n_params: int) -> None:
+    """Issue 20's targets for chattune's default dropout (0.1), where those runs were made: the cost of
+    dropout, chattune against TRL with the same dropout, and MFU against the model-shape matmul peak
+    measured at the start (targets for bf16 on AVX-512-BF16/AMX CPUs; printed for any machine)."""
+    ours = results.get("chattune-dropout")
+    if ours is None:
+        return
+    lines = []
+    if "chattune" in results:
+        cost = ours["wall_s"] / results["chattune"]["wall_s"] - 1
+        lines.append(f"dropout 0.1 costs {100 * cost:+.1f}% over 0 {mark(cost <= 0.10)} (target +10%)")
+    if "trl-dropout" in results:
+        ratio = ours["sup_tok_s"] / results["trl-dropout"]["sup_tok_s"]
+        lines.append(
+            f"chattune-dropout / trl-dropout: supervised tok/s x{ratio:.2f} {mark(ratio >= 3)} (target 3)"
+        )
+    for name in ("chattune", "chattune-dropout", "trl-dropout"):
+        if name in results:
+            r = results[name]
+            mfu = 4 * n_params * r["tokens"] / r["wall_s"] / (shape_peak * 1e9)
+            goal = f" {mark(mfu >= 0.3)} (target 30%)" if name == "chattune-dropout" else ""
+            lines.append(
+                f"{name}: {100 * mfu:.1f}% of the model-shape peak ({shape_peak:,.1f} GFLOP/s){goal}"
+            )
+    from rich.console import Console
+
+    console = Console(width=max(Console().width, 120))
+    for line in lines:
+        console.print(line, highlight=False)
+
+
 def mark(ok: bool) -> str:
     """Whether a target is met, as one word."""
     return "[green]ok[/]" if ok else "[red]MISSED[/]"
@@ -391,9 +467,11 @@ def main() -> None:
     tokenizer = AutoTokenizer.from_pretrained(a.model)
     prepare_data(a.data, a.rows, tokenizer, a.max_length, a.workdir / "data.jsonl")
     n_params, peak = param_count(a.model), matmul_peak(a.device, a.precision)
+    shape_peak = model_shape_peak(a.model, a.device, a.precision)
     print(
         f"{len(runs)} runs x {a.repeat} in {a.workdir}; N = {n_params:,}; {a.precision}; CPU flags "
-        f"{' '.join(cpu_flags()) or 'none listed'}; peak {peak:,.1f} GFLOP/s"
+        f"{' '.join(cpu_flags()) or 'none listed'}; peak {peak:,.1f} GFLOP/s; the model's projection "
+        f"shapes at 2048 rows: {shape_peak:,.1f} GFLOP/s (median of 7)"
     )
 
     raw: dict[str, list[dict[str, Any]]] = {r: [] for r in runs}
@@ -413,12 +491,14 @@ def main() -> None:
         for name, rs in raw.items()
     }
     report(results, peak, a.device, a.precision)
+    report_dropout(results, shape_peak, n_params)
     if a.json:
         settings = {k: str(v) for k, v in vars(a).items() if k not in ("child", "rep", "result")}
         payload = {
             "settings": settings,
             "n_params": n_params,
             "peak_gflops": peak,
+            "model_shape_peak_gflops": shape_peak,
             "cores": available_cores(),
             "precision": a.precision,
             "cpu_flags": cpu_flags(),
