@@ -108,7 +108,8 @@ class TrainConfig(BaseModel):
         True,
         description="LoRA layers as fused autograd functions, same gradients: each SwiGLU MLP block (Llama, "
         "Qwen, Mistral...) as one, saving about a quarter of the activation memory, and every other LoRA "
-        "projection as one (faster); false keeps peft's modules",
+        "projection as one (faster), and on a CPU the frozen RMSNorms with a hand-written backward (faster); "
+        "false keeps peft's and transformers' modules",
     )
     seed: int = 42
     num_threads: int | None = Field(

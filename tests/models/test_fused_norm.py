@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 from tests.conftest import DTYPES, relative_error
-from tests.models.conftest import assert_same_step, record_fallbacks
+from tests.models.conftest import LoraNumerics, assert_same_step, record_fallbacks
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
 from chattune.models.fused_mlp import fuse_lora_mlps
@@ -58,15 +58,12 @@ def _with_norm_weights(model):
 
 
 def test_same_loss_and_gradients_in_a_lora_step(
-    tiny_model_dir: Path, make_lora_model, lora_step, precision: str
+    tiny_model_dir: Path, make_lora_model, lora_step, peft_steps, numerics: LoraNumerics
 ) -> None:
-    reference = lora_step(
-        _with_norm_weights(make_lora_model(tiny_model_dir, precision, lora_dropout=0.0)), IDS
-    )
-    model = _with_norm_weights(make_lora_model(tiny_model_dir, precision, lora_dropout=0.0))
-    # with the `kernels` package installed, transformers re-kernelizes on every train()/eval() mode change,
-    # which drops the instance forward of its RMSNorm classes: switched off here, as run.py will have to
-    model.base_model.model.use_kernels = False
+    peft = peft_steps(tiny_model_dir, numerics, IDS, _with_norm_weights, lora_dropout=0.0)
+    model = _with_norm_weights(make_lora_model(tiny_model_dir, numerics.precision, lora_dropout=0.0))
+    # transformers swaps hub kernels in on every train()/eval() switch, which would drop the fused forwards:
+    # fuse_rms_norms switches that off on a CPU (the assertion after the step checks the forwards survive)
     fuse_lora_mlps(model)  # as training installs them: next to the fused MLP blocks
     assert fuse_rms_norms(model) == 5  # two per layer and the final norm
     fallbacks = record_fallbacks(model, (FusedRmsNormForward,))
@@ -75,8 +72,10 @@ def test_same_loss_and_gradients_in_a_lora_step(
     assert all(isinstance(m.forward, FusedRmsNormForward) for m in norms)  # still in place after train()
     # the first layer's input norm sees the frozen embedding's output, which needs no gradient
     assert fallbacks == ["base_model.model.model.layers.0.input_layernorm"]
-    assert_same_step(reference, fused, precision)
-    assert fused[2] < reference[2]  # x and one rstd per row saved instead of x in fp32 and the normalised x
+    assert_same_step(peft, fused, numerics)
+    assert (
+        fused[2] < peft.reference[2]
+    )  # x and one rstd per row saved instead of x in fp32 and the normalised x
 
 
 def test_runs_the_original_forward_where_it_does_not_apply() -> None:

@@ -97,6 +97,20 @@ def _agrees(fused: FusedRmsNormForward) -> bool:
 
 def fuse_rms_norms(model: Module) -> int:
     """Give every RMSNorm module (class name ending in RMSNorm) that computes as transformers' Llama norm the
-    fused forward; returns how many have it."""
+    fused forward, on a CPU; returns how many have it.
+
+    transformers swaps the forward of its RMSNorm classes for hub kernels on every train()/eval() switch
+    (`use_kernels`, on by default), which would drop these forwards at the trainer's first `train()`. Hub
+    kernels for RMSNorm exist for GPUs only, so on a CPU that swapping is switched off here (nothing is lost);
+    on a GPU the norms are left to transformers and its kernels.
+    """
+    from transformers import PreTrainedModel
+
+    first = next(model.parameters(), None)
+    if first is None or first.device.type != "cpu":
+        return 0
+    for module in model.modules():
+        if isinstance(module, PreTrainedModel) and module.use_kernels:
+            module.use_kernels = False
     norms = (m for m in model.modules() if type(m).__name__.lower().endswith("rmsnorm"))
     return install(norms, FusedRmsNormForward, _agrees)

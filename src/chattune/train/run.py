@@ -197,8 +197,11 @@ def run_training(cfg: TrainConfig, console: Console | None = None) -> Path:
     if cfg.method == "lora" and cfg.fuse_lora:
         from chattune.models.fused_lora import fuse_lora_linears
         from chattune.models.fused_mlp import fuse_lora_mlps
+        from chattune.models.fused_norm import fuse_rms_norms
 
         fused = f"{fuse_lora_mlps(model)} MLP blocks, {fuse_lora_linears(model)} projections"
+        if norms := fuse_rms_norms(model):
+            fused += f", {norms} RMSNorms"
     if cfg.gradient_checkpointing == "mlp":
         from chattune.models.checkpointing import checkpoint_mlps
 
