@@ -132,4 +132,7 @@ def test_a_lora_run_uses_it_unless_switched_off(tiny_model_dir: Path, tmp_path: 
             if '"loss"' in x
         ]
         assert losses[-1] < losses[0]
-    assert "fused LoRA: 2 MLP blocks, 14 projections, 5 RMSNorms" in headers[True] and "fused LoRA" not in headers[False]
+    assert (
+        "fused LoRA: 2 MLP blocks, 14 projections, 5 RMSNorms" in headers[True]
+        and "fused LoRA" not in headers[False]
+    )
