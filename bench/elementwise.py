@@ -44,11 +44,11 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from train_throughput import cpu_flags
 from transformers.models.llama.modeling_llama import LlamaRMSNorm, apply_rotary_pos_emb
 
 from chattune.models.fused_norm import rms_norm
@@ -56,17 +56,6 @@ from chattune.train.loss import cross_entropy_and_grad_
 
 HIDDEN, HEADS, KV_HEADS, HEAD_DIM, INTER, VOCAB, CHUNK = 576, 9, 3, 64, 1536, 49152, 256
 CALLS_PER_STEP = {"rmsnorm": 61, "rotary": 30, "swiglu": 30, "add_norm": 60, "loss": 1}
-
-
-def cpu_flags() -> str:
-    try:
-        flags = next(
-            line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")
-        )
-    except (OSError, StopIteration):
-        return "unknown"
-    listed = set(flags.split(":", 1)[1].split())
-    return " ".join(f"{f}={'yes' if f in listed else 'no'}" for f in ("avx2", "avx512_bf16", "amx_bf16"))
 
 
 def main() -> None:
@@ -92,7 +81,8 @@ def main() -> None:
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache  # inductor reads it when it compiles
     torch.set_num_threads(args.threads)
     allocator = "tcmalloc" if "tcmalloc" in os.environ.get("LD_PRELOAD", "") else "default"
-    print(f"torch {torch.__version__}  threads {args.threads}  malloc {allocator}  cpu: {cpu_flags()}")
+    flags = " ".join(cpu_flags()) or "none listed"
+    print(f"torch {torch.__version__}  threads {args.threads}  malloc {allocator}  CPU flags: {flags}")
     print(f"inductor cache: {cache}  tokens {args.batch}x{args.seq}  rounds {args.rounds}\n")
     rows = []
     for dtype_name in args.dtypes:
