@@ -116,10 +116,10 @@ def cpu_flags() -> list[str]:
     return [flag for flag in CPU_FLAGS if flag in listed]
 
 
-def matmul_peak(device: str, precision: str, trials: int = 5) -> float:
-    """Best GFLOP/s of a square matmul loop in `precision`: 2048 on CPU (all cores), 8192 on CUDA."""
+def matmul_peak(device: str, precision: str, trials: int = 5, size: int = 2048) -> float:
+    """Best GFLOP/s of a square matmul loop in `precision`: `size` on CPU (all cores), 8192 on CUDA."""
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-    n, reps = (8192, 20) if device == "cuda" else (2048, 4)
+    n, reps = (8192, 20) if device == "cuda" else (size, 4)
     torch.set_num_threads(available_cores())
     a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
@@ -272,9 +272,9 @@ def child(a: argparse.Namespace) -> None:
     use_allocator(allocator_for(a.child))
     out = a.workdir / f"{a.child}-{a.rep}"
     counts = {"all": 0, "sup": 0, "rss0": 0}
-    before = matmul_peak(a.device, a.precision)
+    before = matmul_peak(a.device, a.precision, size=a.peak_size)
     res = (run_chattune if a.child.startswith("chattune") else run_trl)(a, out, counts)
-    after = matmul_peak(a.device, a.precision)
+    after = matmul_peak(a.device, a.precision, size=a.peak_size)
     res["precision"] = a.precision
     res |= {"peak_gflops": max(before, after), "peak_before_after": [before, after]}
     res |= {"tokens": counts["all"], "supervised": counts["sup"], "rss_first_step_mib": counts["rss0"] / MIB}
@@ -291,7 +291,8 @@ def spawn(a: argparse.Namespace, name: str, rep: int) -> dict[str, Any]:
     result, log = a.workdir / f"{name}-{rep}.json", a.workdir / f"{name}-{rep}.log"
     cmd = [sys.executable, __file__, "--child", name, "--rep", str(rep), "--result", str(result)]
     cmd += ["--workdir", str(a.workdir), "--model", a.model, "--device", a.device, "--precision", a.precision]
-    cmd += ["--max-length", str(a.max_length)] + (["--max-steps", str(a.max_steps)] if a.max_steps else [])
+    cmd += ["--max-length", str(a.max_length), "--peak-size", str(a.peak_size)]
+    cmd += ["--max-steps", str(a.max_steps)] if a.max_steps else []
     env = os.environ | {"CHATTUNE_HOME": str(a.workdir / "home"), "HF_HUB_OFFLINE": "1"}
     env |= {"TOKENIZERS_PARALLELISM": "false"} | ({"CUDA_VISIBLE_DEVICES": ""} if a.device == "cpu" else {})
     with log.open("w") as f:
@@ -431,6 +432,12 @@ def main() -> None:
     p.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (smoke tests)")
     p.add_argument("--max-length", type=int, default=256)
     p.add_argument(
+        "--peak-size",
+        type=int,
+        default=2048,
+        help="CPU matmul peaks: the square matmul's size and the model-shape rows (smaller for bf16 on AVX2)",
+    )
+    p.add_argument(
         "--precision",
         choices=("default", "auto", "fp32", "bf16"),
         default="default",
@@ -466,12 +473,12 @@ def main() -> None:
     a.workdir.mkdir(parents=True, exist_ok=True)
     tokenizer = AutoTokenizer.from_pretrained(a.model)
     prepare_data(a.data, a.rows, tokenizer, a.max_length, a.workdir / "data.jsonl")
-    n_params, peak = param_count(a.model), matmul_peak(a.device, a.precision)
-    shape_peak = model_shape_peak(a.model, a.device, a.precision)
+    n_params, peak = param_count(a.model), matmul_peak(a.device, a.precision, size=a.peak_size)
+    shape_peak = model_shape_peak(a.model, a.device, a.precision, tokens=a.peak_size)
     print(
         f"{len(runs)} runs x {a.repeat} in {a.workdir}; N = {n_params:,}; {a.precision}; CPU flags "
         f"{' '.join(cpu_flags()) or 'none listed'}; peak {peak:,.1f} GFLOP/s; the model's projection "
-        f"shapes at 2048 rows: {shape_peak:,.1f} GFLOP/s (median of 7)"
+        f"shapes at {a.peak_size} rows: {shape_peak:,.1f} GFLOP/s (median of 7)"
     )
 
     raw: dict[str, list[dict[str, Any]]] = {r: [] for r in runs}
